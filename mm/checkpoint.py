@@ -1,0 +1,150 @@
+"""Saving and loading models: safetensors weights + the resolved config, nothing pickled.
+
+Directory layout (``save_pretrained``-style):
+    mm_config.json                      the resolved ModelConfig
+    model.safetensors                   all weights (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
+    llm/config.json                     the LLM's transformers config (to rebuild its skeleton)
+    tokenizer/                          the tokenizer, with ``<image>`` added
+    encoder/                            optional: files the encoder needs to rebuild (transformers towers)
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from mm.config import ModelConfig, from_dict, to_dict
+from mm.errors import MMError
+
+CONFIG_FILE = "mm_config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop names that share storage with an earlier name (tied weights); return ``(unique, alias -> name)``."""
+    seen: dict[tuple, str] = {}
+    unique, aliases = {}, {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = tensor.detach().contiguous().cpu()
+    return unique, aliases
+
+
+def save(model, directory: str | Path, max_shard_size: str | int = "4GB") -> Path:
+    """Write ``model`` to ``directory`` (created if needed); ``mm.load`` rebuilds it from there alone."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.llm.config.save_pretrained(directory / "llm")
+    model.tokenizer.save_pretrained(directory / "tokenizer")
+    if hasattr(model.encoder, "save_config"):
+        model.encoder.save_config(directory / "encoder")
+    state, aliases = _unique_tensors(model.state_dict())
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size, filename_pattern="model{suffix}.safetensors")
+    metadata = {"format": "pt", "aliases": json.dumps(aliases)}
+    for filename, names in split.filename_to_tensors.items():
+        tmp = directory / (filename + ".tmp")
+        save_file({name: state[name] for name in names}, str(tmp), metadata=metadata)
+        os.replace(tmp, directory / filename)
+    if split.is_sharded:
+        _write_json(directory / INDEX_FILE, {"metadata": {"aliases": aliases}, "weight_map": split.tensor_to_filename})
+    else:
+        (directory / INDEX_FILE).unlink(missing_ok=True)
+    _write_json(directory / CONFIG_FILE, to_dict(model.config))  # last: its presence marks a complete save
+    return directory
+
+
+def read_config(directory: str | Path) -> ModelConfig:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MMError(f"model directory not found: {directory}")
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise MMError(f"{directory} is not an mm model directory: {CONFIG_FILE} is missing")
+    try:
+        return from_dict(ModelConfig, json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise MMError(f"{path} is not valid JSON: {exc}") from None
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a saved model, aliases restored. Refuses pickles."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        data = json.loads(index.read_text())
+        files = sorted(set(data["weight_map"].values()))
+        aliases = data.get("metadata", {}).get("aliases", {})
+    elif (directory / WEIGHTS_FILE).is_file():
+        files, aliases = [WEIGHTS_FILE], None
+    else:
+        pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise MMError(f"{directory} holds pickled weights ({', '.join(pickles)}); only safetensors are loaded")
+        raise MMError(f"{directory} has no {WEIGHTS_FILE}")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            raise MMError(f"{directory} is missing weight shard {name}")
+        try:
+            state.update(load_file(str(path)))
+            if aliases is None:
+                from safetensors import safe_open
+
+                with safe_open(str(path), "pt") as handle:
+                    aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise MMError(f"cannot read weights {path}: {exc}") from None
+    for alias, name in (aliases or {}).items():
+        state[alias] = state[name]
+    return state
+
+
+def load(directory: str | Path, device: str | torch.device | None = None, dtype: str | None = None):
+    """Rebuild a saved model from its directory alone: skeleton from the saved configs, then the weights."""
+    from mm.build import assemble, build_encoder, torch_dtype
+
+    directory = Path(directory)
+    config = read_config(directory)
+    if dtype is not None:
+        torch_dtype(dtype)
+        config.dtype = dtype
+    for part in ("llm/config.json", "tokenizer"):
+        if not (directory / part).exists():
+            raise MMError(f"{directory} is incomplete: {part} is missing")
+    state = read_weights(directory)
+    if (directory / "encoder").is_dir():
+        family = config.encoder.partition(":")[0]
+        config.encoder = f"{family}:{directory / 'encoder'}"
+    encoder = build_encoder(config, pretrained=False)
+    llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory / "llm"), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
+    model = assemble(config, encoder, llm, tokenizer)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise MMError(
+            f"weights in {directory} do not fit its config: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    model.load_state_dict(state, strict=True)
+    if device is not None:
+        model.to(device)
+    return model.to(torch_dtype(config.dtype)).eval()

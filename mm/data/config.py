@@ -1,0 +1,25 @@
+"""DataConfig: which shards feed a run and how they are batched."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    """Training data: shard sources with mixture weights, batching and packing.
+
+    ``train`` is a shard directory, a glob, or a list of them; ``weights`` (same length) mixes the sources.
+    """
+
+    train: Any = None  # str | list[str]
+    weights: list[float] | None = None
+    batch_size: int = 4  # rows per step (per process)
+    seq_len: int = 512  # tokens per row
+    pack: bool = True  # pack several documents per row (block-diagonal attention)
+    shuffle_buffer: int = 256
+    resample: bool = True  # loop over the sources forever (training); False = one pass
+    num_workers: int = 0
+    seed: int = 0
+    max_bad_fraction: float = 0.05  # end the run when more than this fraction of samples is bad
+    bad_min_seen: int = 100  # judge the bad fraction only after this many samples (or at the end of a pass)

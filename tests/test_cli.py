@@ -1,0 +1,120 @@
+"""The `mm` command as a user runs it: a real subprocess on a saved tiny model."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+
+def run_mm(*args, stdin: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mm", *map(str, args)], input=stdin, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+@pytest.fixture()
+def picture(tmp_path):
+    path = tmp_path / "red.png"
+    Image.new("RGB", (48, 32), (220, 20, 20)).save(path)
+    return path
+
+
+def assert_clean_error(result, pattern: str):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("mm: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert pattern in lines[-1], lines[-1]
+
+
+def test_caption_json_lines(tiny_model_dir, picture, tmp_path):
+    second = tmp_path / "blue.jpg"
+    Image.new("RGB", (30, 30), (0, 0, 255)).save(second)
+    result = run_mm("caption", "--model", tiny_model_dir, picture, second, "--json", "--max-new-tokens", 5)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["image"] for row in rows] == [str(picture), str(second)]
+    assert all(isinstance(row["caption"], str) for row in rows)
+
+
+def test_caption_is_deterministic_and_matches_the_library(tiny_model_dir, picture):
+    import mm
+    from mm.images import open_image
+
+    expected = mm.load(tiny_model_dir).generate(
+        images=[open_image(picture)], messages=[{"role": "user", "content": [{"type": "image"}]}], chat=False,
+        max_new_tokens=6).strip()
+    result = run_mm("caption", "--model", tiny_model_dir, picture, "--max-new-tokens", 6)
+    assert result.stdout == f"{picture}\t{expected}\n"
+
+
+def test_vqa_and_sampling_flags(tiny_model_dir, picture):
+    result = run_mm("vqa", "--model", tiny_model_dir, picture, "what colour?", "--temperature", 0.7, "--top-p", 0.9,
+                    "--seed", 3, "--max-new-tokens", 4, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["question"] == "what colour?"
+    beams = run_mm("vqa", "--model", tiny_model_dir, picture, "q", "--num-beams", 2, "--max-new-tokens", 3)
+    assert beams.returncode == 0, beams.stderr
+
+
+def test_chat_is_multi_turn_and_streams(tiny_model_dir, picture):
+    result = run_mm("chat", "--model", tiny_model_dir, "--image", picture, "--max-new-tokens", 4,
+                    stdin="hello\nand again\n/quit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("mm> ") == 2
+
+
+def test_batch_caption_keeps_results_around_a_bad_image(tiny_model_dir, picture, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    result = run_mm("caption", "--model", tiny_model_dir, picture, broken, picture, "--batch-size", 1,
+                    "--max-new-tokens", 3)
+    assert result.returncode == 2
+    assert result.stdout.count(str(picture)) == 2
+    assert "cannot read image" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "bomb", "not-image", "empty"])
+def test_bad_images(tiny_model_dir, tmp_path, case):
+    path = tmp_path / f"{case}.png"
+    if case == "truncated":
+        Image.new("RGB", (64, 64), (9, 9, 9)).save(path)
+        path.write_bytes(path.read_bytes()[:60])
+    elif case == "bomb":
+        Image.new("1", (10_000, 10_000)).save(path)
+    elif case == "not-image":
+        path.write_text("hello")
+    elif case == "empty":
+        path.write_bytes(b"")
+    result = run_mm("vqa", "--model", tiny_model_dir, path, "q")
+    expected = {"missing": "image not found", "truncated": "cannot read image", "bomb": "too large",
+                "not-image": "cannot read image", "empty": "empty"}[case]
+    assert_clean_error(result, expected)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
+def test_non_rgb_modes_caption(tiny_model_dir, tmp_path, mode):
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    Image.new(mode, (16, 16)).save(path)
+    result = run_mm("caption", "--model", tiny_model_dir, path, "--max-new-tokens", 2)
+    assert result.returncode == 0, result.stderr
+
+
+def test_bad_model_directories(tiny_model_dir, picture, tmp_path):
+    assert_clean_error(run_mm("caption", "--model", tmp_path / "nope", picture), "model directory not found")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").unlink()
+    (broken / "pytorch_model.bin").write_bytes(b"pickle")
+    assert_clean_error(run_mm("caption", "--model", broken, picture), "pickled weights")
+    shutil.rmtree(broken / "tokenizer")
+    assert_clean_error(run_mm("caption", "--model", broken, picture), "tokenizer is missing")
+
+
+def test_bad_flags(tiny_model_dir, picture):
+    assert_clean_error(run_mm("caption", "--model", tiny_model_dir, picture, "--max-new-tokens", 0), "at least 1")
+    assert_clean_error(run_mm("caption", "--model", tiny_model_dir, picture, "--device", "cuda:0"), "no CUDA")
