@@ -1,0 +1,29 @@
+"""``linear``: one Linear(Din, Dllm) per patch token (LLaVA-1.0).
+
+Like every adapter here, it drops the encoder's prefix tokens (CLS, registers) and keeps the grid, as LLaVA
+does with ``select_feature='patch'``: ``[B, prefix + rows*cols, Din] -> [B, rows*cols, Dllm]``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mm.adapters.base import ADAPTERS, Adapter
+from mm.config import ModelConfig
+from mm.encoders.base import VisionEncoder
+
+
+class LinearAdapter(Adapter):
+    def __init__(self, in_dim: int, out_dim: int, num_prefix_tokens: int, num_tokens: int):
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.num_tokens = num_tokens
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, N, Din] -> [B, M, Dllm]
+        return self.proj(tokens[:, self.num_prefix_tokens:])
+
+
+@ADAPTERS.register("linear")
+def build_linear(encoder: VisionEncoder, llm_dim: int, config: ModelConfig) -> LinearAdapter:
+    return LinearAdapter(encoder.dim, llm_dim, encoder.num_prefix_tokens, encoder.grid[0] * encoder.grid[1])
