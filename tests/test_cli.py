@@ -23,6 +23,26 @@ def picture(tmp_path):
     return path
 
 
+class InProcess:
+    """The same `mm` entry point called in this process (no interpreter start-up): returncode, stdout, stderr."""
+
+    def __init__(self, capsys):
+        self.capsys = capsys
+
+    def __call__(self, *args) -> subprocess.CompletedProcess:
+        from mm.cli import main
+
+        self.capsys.readouterr()
+        code = main(list(map(str, args)))
+        captured = self.capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+@pytest.fixture()
+def mm_main(capsys):
+    return InProcess(capsys)
+
+
 def assert_clean_error(result, pattern: str):
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -52,12 +72,12 @@ def test_caption_is_deterministic_and_matches_the_library(tiny_model_dir, pictur
     assert result.stdout == f"{picture}\t{expected}\n"
 
 
-def test_vqa_and_sampling_flags(tiny_model_dir, picture):
-    result = run_mm("vqa", "--model", tiny_model_dir, picture, "what colour?", "--temperature", 0.7, "--top-p", 0.9,
+def test_vqa_and_sampling_flags(tiny_model_dir, picture, mm_main):
+    result = mm_main("vqa", "--model", tiny_model_dir, picture, "what colour?", "--temperature", 0.7, "--top-p", 0.9,
                     "--seed", 3, "--max-new-tokens", 4, "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["question"] == "what colour?"
-    beams = run_mm("vqa", "--model", tiny_model_dir, picture, "q", "--num-beams", 2, "--max-new-tokens", 3)
+    beams = mm_main("vqa", "--model", tiny_model_dir, picture, "q", "--num-beams", 2, "--max-new-tokens", 3)
     assert beams.returncode == 0, beams.stderr
 
 
@@ -79,7 +99,7 @@ def test_batch_caption_keeps_results_around_a_bad_image(tiny_model_dir, picture,
 
 
 @pytest.mark.parametrize("case", ["missing", "truncated", "bomb", "not-image", "empty"])
-def test_bad_images(tiny_model_dir, tmp_path, case):
+def test_bad_images(tiny_model_dir, tmp_path, case, mm_main):
     path = tmp_path / f"{case}.png"
     if case == "truncated":
         Image.new("RGB", (64, 64), (9, 9, 9)).save(path)
@@ -90,31 +110,31 @@ def test_bad_images(tiny_model_dir, tmp_path, case):
         path.write_text("hello")
     elif case == "empty":
         path.write_bytes(b"")
-    result = run_mm("vqa", "--model", tiny_model_dir, path, "q")
+    result = mm_main("vqa", "--model", tiny_model_dir, path, "q")
     expected = {"missing": "image not found", "truncated": "cannot read image", "bomb": "too large",
                 "not-image": "cannot read image", "empty": "empty"}[case]
     assert_clean_error(result, expected)
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
-def test_non_rgb_modes_caption(tiny_model_dir, tmp_path, mode):
+def test_non_rgb_modes_caption(tiny_model_dir, tmp_path, mode, mm_main):
     path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
     Image.new(mode, (16, 16)).save(path)
-    result = run_mm("caption", "--model", tiny_model_dir, path, "--max-new-tokens", 2)
+    result = mm_main("caption", "--model", tiny_model_dir, path, "--max-new-tokens", 2)
     assert result.returncode == 0, result.stderr
 
 
-def test_bad_model_directories(tiny_model_dir, picture, tmp_path):
-    assert_clean_error(run_mm("caption", "--model", tmp_path / "nope", picture), "model directory not found")
+def test_bad_model_directories(tiny_model_dir, picture, tmp_path, mm_main):
+    assert_clean_error(mm_main("caption", "--model", tmp_path / "nope", picture), "model directory not found")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
     (broken / "model.safetensors").unlink()
     (broken / "pytorch_model.bin").write_bytes(b"pickle")
-    assert_clean_error(run_mm("caption", "--model", broken, picture), "pickled weights")
+    assert_clean_error(mm_main("caption", "--model", broken, picture), "pickled weights")
     shutil.rmtree(broken / "tokenizer")
-    assert_clean_error(run_mm("caption", "--model", broken, picture), "tokenizer is missing")
+    assert_clean_error(mm_main("caption", "--model", broken, picture), "tokenizer is missing")
 
 
-def test_bad_flags(tiny_model_dir, picture):
-    assert_clean_error(run_mm("caption", "--model", tiny_model_dir, picture, "--max-new-tokens", 0), "at least 1")
-    assert_clean_error(run_mm("caption", "--model", tiny_model_dir, picture, "--device", "cuda:0"), "no CUDA")
+def test_bad_flags(tiny_model_dir, picture, mm_main):
+    assert_clean_error(mm_main("caption", "--model", tiny_model_dir, picture, "--max-new-tokens", 0), "at least 1")
+    assert_clean_error(mm_main("caption", "--model", tiny_model_dir, picture, "--device", "cuda:0"), "no CUDA")
