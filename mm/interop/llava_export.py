@@ -1,0 +1,217 @@
+"""Export an mm model to a transformers LLaVA directory (``LlavaForConditionalGeneration`` + ``LlavaProcessor``).
+
+Mapping (exact: same logits, same greedy generation):
+- vision tower: mm's ``hf:`` encoder is a CLIP/SigLIP vision model already cut after ``select_layer``; it is
+  exported with ``num_hidden_layers`` = the layers it kept and ``vision_feature_layer = -1``, which selects the
+  same hidden state as ``select_layer`` on the uncut tower (the cut layers' weights are not in an mm model).
+- prefix tokens: mm's adapters drop the encoder's prefix tokens. CLIP (1 CLS token) -> strategy ``default``
+  (LLaVA drops the first token); SigLIP (none) -> ``full``.
+- ``mlp`` adapter -> ``multi_modal_projector.linear_1 -> gelu -> linear_2`` (hidden must be the LLM width).
+  ``linear`` adapter -> ``linear_1`` = the adapter, ``projector_hidden_act = "linear"`` (identity) and
+  ``linear_2`` = identity matrix with zero bias (exact in floating point).
+- LLM: ``model.language_model`` = the causal LM's base model, ``lm_head`` = its output layer.
+- ``image_token_index`` = mm's ``<image>`` id. mm never embeds that id; when it lies beyond the LLM's
+  vocabulary the exported embedding (and head) get zero rows up to it, and ``generation_config.suppress_tokens``
+  keeps generation from choosing them (mm's LLM cannot produce them either). The first ``vocab`` logit
+  columns equal mm's.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mm.config import ModelConfig
+from mm.errors import MMError
+from mm.interop.chat_template import with_content_parts
+
+ADAPTERS = ("linear", "mlp")
+
+
+def config_problems(config: ModelConfig) -> list[str]:
+    """Why a model with this config cannot become a LLaVA checkpoint (empty when it may)."""
+    problems = []
+    if config.encoder.partition(":")[0] != "hf":
+        problems.append(f"encoder {config.encoder!r} is not a transformers CLIP/SigLIP vision tower (hf:<dir>)")
+    if config.adapter not in ADAPTERS:
+        problems.append(f"adapter {config.adapter!r} has no LLaVA projector equivalent (exportable: "
+                        f"{', '.join(ADAPTERS)})")
+    if config.moe is not None:
+        problems.append("modality experts (moe) inside the LLM have no LLaVA equivalent")
+    return problems
+
+
+def model_problems(model) -> list[str]:
+    from mm.adapters.linear import LinearAdapter
+    from mm.adapters.mlp import MLPAdapter
+    from mm.encoders.hf_encoder import HFVisionEncoder
+
+    problems = config_problems(model.config)
+    encoder, adapter, llm = model.encoder, model.adapter, model.llm
+    if problems:
+        return problems
+    if not isinstance(encoder, HFVisionEncoder):
+        problems.append(f"encoder is a {type(encoder).__name__}, not a transformers CLIP/SigLIP vision tower")
+    elif encoder.interpolate:
+        problems.append(f"image_size {encoder.image_size} differs from the vision tower's "
+                        f"{encoder.model.config.image_size} (LLaVA does not interpolate position embeddings)")
+    elif encoder.num_prefix_tokens not in (0, 1):
+        problems.append(f"the encoder has {encoder.num_prefix_tokens} prefix tokens; LLaVA drops 0 or 1")
+    if not isinstance(adapter, (LinearAdapter, MLPAdapter)):
+        problems.append(f"adapter is a {type(adapter).__name__}, not linear or mlp")
+    elif isinstance(adapter, MLPAdapter) and adapter.mlp[0].out_features != llm.config.hidden_size:
+        problems.append(f"mlp adapter hidden width {adapter.mlp[0].out_features} differs from the LLM width "
+                        f"{llm.config.hidden_size} (LLaVA's projector hidden width is the LLM width)")
+    if model.moe is not None:
+        problems.append("modality experts (moe) inside the LLM have no LLaVA equivalent")
+    head = llm.get_output_embeddings()
+    names = {f"{llm.base_model_prefix}.{k}" for k in llm.base_model.state_dict()}
+    head_name = next((n for n, m in llm.named_modules() if m is head), None)
+    if head is None or head_name is None or getattr(head, "bias", None) is not None:
+        problems.append(f"the LLM {type(llm).__name__} has no bias-free output layer")
+    else:
+        names |= {f"{head_name}.{k}" for k in head.state_dict()}
+        extra = sorted(set(llm.state_dict()) - names)
+        if extra:
+            problems.append(f"the LLM {type(llm).__name__} holds weights outside its base model and head "
+                            f"(e.g. {extra[0]})")
+    return problems
+
+
+def check_exportable(config_or_model) -> None:
+    """Raise MMError naming every part that keeps the model from becoming a LLaVA checkpoint."""
+    problems = (config_problems(config_or_model) if isinstance(config_or_model, ModelConfig)
+                else model_problems(config_or_model))
+    if problems:
+        raise MMError("model is not exportable to LLaVA: " + "; ".join(problems))
+
+
+def _tower_layers(tower: nn.Module) -> int:
+    return len(getattr(tower, "vision_model", tower).encoder.layers)
+
+
+def llava_config(model):
+    """The LlavaConfig equivalent to ``model`` (an exportable one)."""
+    from mm.adapters.linear import LinearAdapter
+    from transformers import LlavaConfig
+
+    encoder = model.encoder
+    vision_config = copy.deepcopy(encoder.model.config)
+    vision_config.num_hidden_layers = _tower_layers(encoder.model)  # the tower ends at select_layer
+    text_config = copy.deepcopy(model.llm.config)
+    vocab = model.llm.get_input_embeddings().num_embeddings
+    text_config.vocab_size = max(vocab, model.image_token_id + 1)
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=model.image_token_id,
+        image_seq_length=model.tokens_per_image,
+        projector_hidden_act="linear" if isinstance(model.adapter, LinearAdapter) else "gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default" if encoder.num_prefix_tokens == 1 else "full",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+        dtype=model.dtype,
+    )
+
+
+def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    if rows == weight.shape[0]:
+        return weight.detach()
+    extra = weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])
+    return torch.cat([weight.detach(), extra])
+
+
+def _projector_state(adapter, width: int) -> dict[str, torch.Tensor]:
+    from mm.adapters.linear import LinearAdapter
+
+    if isinstance(adapter, LinearAdapter):
+        first, second = adapter.proj, None
+    else:
+        first, second = adapter.mlp[0], adapter.mlp[2]
+    state = {"linear_1.weight": first.weight, "linear_1.bias": first.bias}
+    if second is None:  # identity: x @ I^T + 0 == x exactly
+        state["linear_2.weight"] = torch.eye(width, dtype=first.weight.dtype)
+        state["linear_2.bias"] = torch.zeros(width, dtype=first.weight.dtype)
+    else:
+        state["linear_2.weight"], state["linear_2.bias"] = second.weight, second.bias
+    return {k: v.detach() for k, v in state.items()}
+
+
+def to_llava(model):
+    """A ``LlavaForConditionalGeneration`` holding ``model``'s weights, in ``model``'s dtype.
+
+    It shares the tensors of ``model`` (no second copy of a large model; no random init to overwrite), so
+    changing one in place changes the other.
+    """
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    check_exportable(model)
+    config = llava_config(model)
+    with no_init_weights():
+        llava = LlavaForConditionalGeneration(config).to(model.dtype).eval()
+    llm = model.llm
+    rows = config.text_config.vocab_size
+
+    result = llava.model.vision_tower.load_state_dict(model.encoder.model.state_dict(), strict=False, assign=True)
+    leftover = [k for k in result.missing_keys if "post_layernorm" not in k]
+    if leftover or result.unexpected_keys:
+        raise MMError(f"vision tower weights do not map onto LLaVA's: missing {leftover[:3]}, "
+                      f"unexpected {result.unexpected_keys[:3]}")
+    with torch.no_grad():  # unused by LLaVA (it reads hidden states); set to identity for determinism
+        for name, tensor in llava.model.vision_tower.named_parameters():
+            if "post_layernorm" in name:
+                tensor.fill_(1.0 if name.endswith("weight") else 0.0)
+
+    embedding = llm.get_input_embeddings().weight
+    base = {}
+    for name, tensor in llm.base_model.state_dict(keep_vars=True).items():
+        base[name] = _pad_rows(tensor, rows) if tensor is embedding else tensor.detach()
+    llava.model.language_model.load_state_dict(base, strict=True, assign=True)
+    head = llm.get_output_embeddings().weight
+    llava.lm_head.load_state_dict({"weight": _pad_rows(head, rows)}, strict=True, assign=True)
+    llava.model.multi_modal_projector.load_state_dict(_projector_state(model.adapter, llm.config.hidden_size),
+                                                      strict=True, assign=True)
+    if config.tie_word_embeddings:
+        llava.tie_weights()
+
+    generation = copy.deepcopy(llm.generation_config) if llm.generation_config else GenerationConfig()
+    generation.eos_token_id = model.tokenizer.eos_token_id
+    generation.pad_token_id = model.tokenizer.pad_token_id
+    vocab = embedding.shape[0]
+    if rows > vocab:
+        generation.suppress_tokens = list(range(vocab, rows))
+    llava.generation_config = generation
+    return llava
+
+
+def llava_processor(model):
+    """A ``LlavaProcessor`` that tokenises and expands ``<image>`` exactly as ``model.tokenize`` does."""
+    from transformers import LlavaProcessor
+
+    encoder = model.encoder
+    tokenizer = copy.deepcopy(model.tokenizer)
+    template = tokenizer.chat_template
+    return LlavaProcessor(
+        image_processor=encoder.processor,
+        tokenizer=tokenizer,
+        patch_size=encoder.model.config.patch_size,
+        vision_feature_select_strategy="default" if encoder.num_prefix_tokens == 1 else "full",
+        num_additional_image_tokens=encoder.num_prefix_tokens,
+        chat_template=with_content_parts(template) if isinstance(template, str) else None,
+        image_token=model.tokenizer.convert_ids_to_tokens(model.image_token_id),
+    )
+
+
+def export_llava(model, out: str | Path, max_shard_size: str | int = "4GB") -> Path:
+    """Write ``model`` as a transformers LLaVA directory loadable with ``from_pretrained``."""
+    out = Path(out)
+    llava = to_llava(model)
+    processor = llava_processor(model)
+    out.mkdir(parents=True, exist_ok=True)
+    llava.save_pretrained(out, max_shard_size=max_shard_size)
+    processor.save_pretrained(out)
+    return out
