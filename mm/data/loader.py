@@ -1,0 +1,216 @@
+"""``build_loader``: shards -> training batches (the batch contract of mm.train).
+
+Pipeline per (rank, worker) "slot": shard lists of each source -> split by slot -> per-source sample streams
+(resampled forever or one pass) -> weighted mixing -> shuffle buffer -> parse + render + decode (bad samples
+skipped and counted) -> pack (or pad) -> collate. Every random choice comes from RNGs seeded by ``data.seed``
+and the slot, so a run is a pure function of (shards, config, world size, workers). Resuming with
+``skip_batches=N`` replays the stream without transforming images or collating and yields batch N onwards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Iterator
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mm.data.bad import BadCounter, BadSample
+from mm.data.config import DataConfig
+from mm.data.pack import Packer, collate_packed, collate_preference, collate_rows
+from mm.data.render import Item, Renderer
+from mm.data.shards import TarError, iter_members, list_shards, parse_sample
+from mm.errors import MMError
+
+LOADER_KINDS = ("lm", "chat", "interleaved", "preference")
+
+
+def _sources(data: DataConfig) -> tuple[list[list[str]], list[float]]:
+    if not data.train:
+        raise MMError("data.train is empty: give a shard directory, a glob, or a list of them")
+    specs = data.train if isinstance(data.train, (list, tuple)) else [data.train]
+    weights = list(data.weights) if data.weights is not None else [1.0] * len(specs)
+    if len(weights) != len(specs):
+        raise MMError(f"data.weights has {len(weights)} entries but data.train has {len(specs)} sources")
+    if any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise MMError(f"data.weights must be non-negative with a positive sum, got {weights}")
+    return [list_shards(spec) for spec in specs], weights
+
+
+def shuffled(stream: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Classic shuffle buffer: keep ``size`` items, emit a random one as each new one arrives."""
+    if size <= 1:
+        yield from stream
+        return
+    buffer: list = []
+    for item in stream:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        buffer[i], item = item, buffer[i]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class DocStream(IterableDataset):
+    """The per-slot pipeline. ``__iter__`` yields collated batches; ``counter`` holds the bad-sample counts of
+    the last iteration in this process (per worker when ``num_workers > 0``)."""
+
+    def __init__(self, data: DataConfig, renderer: Renderer, pad_id: int, rank: int, world_size: int,
+                 skip_batches: int, kind: str):
+        self.data, self.renderer, self.pad_id = data, renderer, pad_id
+        self.rank, self.world_size, self.skip_batches, self.kind = rank, world_size, skip_batches, kind
+        self.sources, self.weights = _sources(data)
+        self.counter = BadCounter(data.max_bad_fraction, data.bad_min_seen)
+
+    # ----- raw samples ------------------------------------------------------------------------------------
+    def _source(self, index: int, slot: int, slots: int) -> Iterator[dict]:
+        shards = self.sources[index]
+        epoch = 0
+        while True:
+            order = list(shards)
+            random.Random(f"{self.data.seed}/{index}/{epoch}").shuffle(order)  # same order in every slot
+            by_shard = len(order) >= slots
+            mine = order[slot::slots] if by_shard else order
+            position = 0
+            for path in mine:
+                try:
+                    for sample in iter_members(path):
+                        position += 1
+                        if by_shard or (position - 1) % slots == slot:
+                            yield sample
+                except TarError as exc:
+                    self.counter.record(BadSample("truncated_tar", str(exc)))
+            if not self.data.resample:
+                return
+            if position == 0:
+                raise MMError(f"source {index} ({shards[0]} ...) holds no readable samples; cannot resample it")
+            epoch += 1
+
+    def _mixed(self, slot: int, slots: int) -> Iterator[dict]:
+        streams = [self._source(i, slot, slots) for i in range(len(self.sources))]
+        weights = list(self.weights)
+        rng = random.Random(f"{self.data.seed}/mix/{slot}")
+        live = [i for i, w in enumerate(weights) if w > 0]
+        while live:
+            i = rng.choices(live, weights=[weights[j] for j in live])[0]
+            try:
+                yield next(streams[i])
+            except StopIteration:
+                live.remove(i)
+
+    # ----- documents --------------------------------------------------------------------------------------
+    def _item(self, sample: dict) -> Item | None:
+        doc, images = parse_sample(sample)
+        key = sample["__key__"]
+        if self.kind == "preference" and doc["kind"] != "preference" or \
+                self.kind in ("chat", "interleaved") and doc["kind"] != self.kind:
+            self.counter.dropped["other_kind"] += 1
+            return None
+        if self.kind == "preference":
+            rows = list(self.renderer.render_pair(doc))
+            keep = len(images)
+            if any(row.num_images != keep for row in rows) or any(
+                    all(label < 0 for label in row.labels) for row in rows):
+                decoded = None
+            else:
+                decoded = self.renderer.decode(images, key, keep)
+        else:
+            rows = [self.renderer.render_lm(doc)]
+            keep = rows[0].num_images
+            decoded = self.renderer.decode(images, key, keep)
+            if all(label < 0 for label in rows[0].labels):
+                decoded = None
+        if decoded is None:
+            self.counter.dropped["too_long"] += 1
+            return None
+        return Item(key, rows, decoded, doc.get("ref_logp"), {"kind": doc["kind"], "lang": doc.get("lang")})
+
+    def _items(self, slot: int, slots: int) -> Iterator[Item]:
+        rng = random.Random(f"{self.data.seed}/shuffle/{slot}")
+        for sample in shuffled(self._mixed(slot, slots), self.data.shuffle_buffer, rng):
+            try:
+                item = self._item(sample)
+            except BadSample as exc:
+                self.counter.record(exc)
+                continue
+            self.counter.ok()
+            if item is not None:
+                yield item
+        self.counter.check(final=True)
+
+    def _groups(self, items: Iterator[Item]) -> Iterator[Any]:
+        if self.kind != "preference" and self.data.pack:
+            yield from Packer(self.data.seq_len, self.data.batch_size)(items)
+            return
+        group: list[Item] = []
+        for item in items:
+            group.append(item)
+            if len(group) == self.data.batch_size:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def collate(self, group) -> dict:
+        transform = self.renderer.transform
+        if self.kind == "preference":
+            return collate_preference(group, self.pad_id, transform)
+        if self.data.pack:
+            return collate_packed(group, self.pad_id, transform)
+        return collate_rows(group, self.pad_id, transform)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        logical = (worker + self.skip_batches) % workers  # DataLoader restarts its round robin at worker 0
+        skip = len(range(logical, self.skip_batches, workers))
+        slot, slots = self.rank * workers + logical, self.world_size * workers
+        self.counter = BadCounter(self.data.max_bad_fraction, self.data.bad_min_seen)
+        for index, group in enumerate(self._groups(self._items(slot, slots))):
+            if index >= skip:
+                yield self.collate(group)
+
+
+class Loader:
+    """An iterable of batches; each ``iter()`` starts the same deterministic stream again."""
+
+    def __init__(self, dataset: DocStream, num_workers: int):
+        self.dataset, self.num_workers = dataset, num_workers
+
+    @property
+    def counter(self) -> BadCounter:
+        return self.dataset.counter
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.num_workers == 0:
+            return iter(self.dataset)
+        return iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                               persistent_workers=False, prefetch_factor=2))
+
+
+def build_loader(data: DataConfig, model, rank: int = 0, world_size: int = 1, skip_batches: int = 0,
+                 kind: str | None = None) -> Loader:
+    """Batches for ``model`` (which supplies tokenizer, encoder transform, image_token_id, tokens_per_image).
+
+    ``kind``: None or "lm" (chat + interleaved; preference docs train on their chosen answer), "chat" or
+    "interleaved" (only that kind), "preference" (chosen/rejected pairs). Resuming needs the same shards,
+    config, world size and ``num_workers``.
+    """
+    kind = kind or "lm"
+    if kind not in LOADER_KINDS:
+        raise MMError(f"unknown loader kind {kind!r}; choose one of: {', '.join(LOADER_KINDS)}")
+    if not 0 <= rank < world_size:
+        raise MMError(f"rank {rank} is outside world_size {world_size}")
+    if data.batch_size < 1 or data.seq_len < 1:
+        raise MMError("data.batch_size and data.seq_len must be positive")
+    if isinstance(model, Renderer):
+        renderer = dataclasses.replace(model, seq_len=data.seq_len)
+    else:
+        renderer = Renderer.from_model(model, data.seq_len)
+    pad_id = renderer.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = renderer.tokenizer.eos_token_id
+    dataset = DocStream(data, renderer, pad_id, rank, world_size, max(0, int(skip_batches)), kind)
+    return Loader(dataset, data.num_workers)

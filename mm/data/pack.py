@@ -1,0 +1,118 @@
+"""Rows -> batches: sequence packing with block-diagonal causal attention, or right padding as a fallback.
+
+Packing is best-fit over a window of open rows, in stream order, so it is deterministic given the documents.
+A packed batch carries ``position_ids`` restarting at 0 for every document and an ``attention_mask`` of shape
+``[B, 1, T, T]`` (bool, True = may attend) that is causal inside each document and False across documents.
+Padding at the end of a packed row forms its own block (it attends only to padding, never carries loss).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from mm.data.render import Item, Sequence
+from mm.prompt import IGNORE
+
+
+class Packer:
+    """Best-fit packing of items into rows of ``seq_len`` tokens; yields lists of ``batch_size`` rows
+    (each row a list of items). ``open_rows`` bounds how many partially filled rows wait for more documents."""
+
+    def __init__(self, seq_len: int, batch_size: int, open_rows: int | None = None):
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.open_rows = open_rows or max(8, 4 * batch_size)
+
+    def __call__(self, items: Iterable[Item]) -> Iterator[list[list[Item]]]:
+        rows: list[list[Item]] = []
+        room: list[int] = []
+        ready: list[list[Item]] = []
+        for item in items:
+            size = len(item.rows[0])
+            fits = [i for i, r in enumerate(room) if r >= size]
+            if fits:
+                best = min(fits, key=lambda i: (room[i], i))
+                rows[best].append(item)
+                room[best] -= size
+            else:
+                if len(rows) >= self.open_rows:
+                    fullest = min(range(len(rows)), key=lambda i: (room[i], i))
+                    ready.append(rows.pop(fullest))
+                    room.pop(fullest)
+                rows.append([item])
+                room.append(self.seq_len - size)
+            while len(ready) >= self.batch_size:
+                yield ready[: self.batch_size]
+                ready = ready[self.batch_size:]
+        ready.extend(rows)  # end of a finite stream: flush, fullest first
+        while ready:
+            yield ready[: self.batch_size]
+            ready = ready[self.batch_size:]
+
+
+def _pixels(items: Iterable[Item], transform) -> dict[str, torch.Tensor]:
+    """All images of the batch in order of appearance -> ``pixel_values`` ``[I, 3, H, W]`` (absent if none)."""
+    images = [image for item in items for image in item.images]
+    return {"pixel_values": torch.stack([transform(image) for image in images])} if images else {}
+
+
+def collate_packed(rows: list[list[Item]], pad_id: int, transform) -> dict[str, torch.Tensor]:
+    """Packed rows -> ``input_ids``, ``labels``, ``position_ids`` ``[B, T]``, ``attention_mask`` ``[B, 1, T, T]``."""
+    width = max(sum(len(item.rows[0]) for item in row) for row in rows)
+    B = len(rows)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    labels = torch.full((B, width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((B, width), dtype=torch.long)
+    attention_mask = torch.zeros((B, 1, width, width), dtype=torch.bool)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # [T, T]
+    for b, row in enumerate(rows):
+        at = 0
+        for item in row:
+            seq = item.rows[0]
+            n = len(seq)
+            input_ids[b, at: at + n] = torch.tensor(seq.ids)
+            labels[b, at: at + n] = torch.tensor(seq.labels)
+            position_ids[b, at: at + n] = torch.arange(n)
+            attention_mask[b, 0, at: at + n, at: at + n] = causal[:n, :n]  # causal inside the document only
+            at += n
+        position_ids[b, at:] = torch.arange(width - at)
+        attention_mask[b, 0, at:, at:] = causal[: width - at, : width - at]  # padding sees only padding
+    ordered = [item for row in rows for item in row]
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "attention_mask": attention_mask, **_pixels(ordered, transform)}
+
+
+def collate_padded(seqs: list[Sequence], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """One sequence per row, right-padded to the longest (or ``width``); 0/1 ``attention_mask`` ``[B, T]``."""
+    width = width or max(len(s) for s in seqs)
+    B = len(seqs)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    labels = torch.full((B, width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((B, width), dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        n = len(seq)
+        input_ids[b, :n] = torch.tensor(seq.ids)
+        labels[b, :n] = torch.tensor(seq.labels)
+        attention_mask[b, :n] = 1
+    position_ids = torch.arange(width).expand(B, width).clone()
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask}
+
+
+def collate_rows(items: list[Item], pad_id: int, transform) -> dict[str, torch.Tensor]:
+    """Unpacked LM batch: one document per row."""
+    return {**collate_padded([item.rows[0] for item in items], pad_id), **_pixels(items, transform)}
+
+
+def collate_preference(items: list[Item], pad_id: int, transform) -> dict:
+    """``{"chosen", "rejected"}`` padded to one common width (row i of each is the same prompt), plus
+    ``ref_logp_chosen`` / ``ref_logp_rejected`` ``[B]`` when every document carries them."""
+    width = max(len(s) for item in items for s in item.rows)
+    pixels = _pixels(items, transform)
+    batch = {
+        "chosen": {**collate_padded([item.rows[0] for item in items], pad_id, width), **pixels},
+        "rejected": {**collate_padded([item.rows[1] for item in items], pad_id, width), **pixels},
+    }
+    if all(item.ref_logp for item in items):
+        batch["ref_logp_chosen"] = torch.tensor([float(item.ref_logp["chosen"]) for item in items])
+        batch["ref_logp_rejected"] = torch.tensor([float(item.ref_logp["rejected"]) for item in items])
+    return batch
