@@ -52,5 +52,6 @@ def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise MMError(f"image {label} is too large (over {MAX_PIXELS // 1_000_000} megapixels)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise MMError(f"cannot read image {label}: {exc}") from None
+        reason = "not a recognised image format" if "cannot identify image file" in str(exc) else str(exc)
+        raise MMError(f"cannot read image {label}: {reason}") from None
     return to_rgb(image)
