@@ -13,6 +13,7 @@ from mm.adapters.base import Adapter
 from mm.config import ModelConfig
 from mm.encoders.base import VisionEncoder
 from mm.errors import MMError
+from mm.fast_generate import greedy_generate, greedy_options
 from mm.prompt import (
     IGNORE,
     add_image_token,
@@ -159,12 +160,25 @@ class MultimodalModel(nn.Module):
         """Answer each conversation through transformers' ``generate`` (KV cache, sampling, beams, streaming).
 
         ``generation`` takes ``generate``'s keywords (``max_new_tokens``, ``temperature``, ``top_p``,
-        ``num_beams``, ``num_return_sequences``...); temperature 0 or absent means greedy.
+        ``num_beams``, ``num_return_sequences``...); temperature 0 or absent means greedy. Plain greedy requests
+        take ``mm.fast_generate`` (static KV cache, images encoded once); the rest go through ``generate``.
         Returns ``len(conversations) * num_return_sequences`` strings.
         """
         batch = self.collate(conversations, chat=chat)
-        embeddings = self.embed(batch["input_ids"], batch.get("pixel_values"))
         options = sampling_options(**generation)
+        if greedy_options(generation):  # plain greedy: the lean static-cache loop, same tokens as generate
+            new_tokens = greedy_generate(
+                self,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch.get("pixel_values"),
+                max_new_tokens=options["max_new_tokens"],
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                streamer=streamer,
+            )
+            return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        embeddings = self.embed(batch["input_ids"], batch.get("pixel_values"))
         with self.routing(batch["input_ids"] == self.image_token_id):
             output = self.llm.generate(
                 inputs_embeds=embeddings,

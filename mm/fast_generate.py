@@ -1,0 +1,103 @@
+"""Fast greedy decoding for MultimodalModel: images encoded once, a static KV cache, a lean decode loop.
+
+``generate`` pays a fixed cost per token (logits processors, stopping criteria, cache bookkeeping, a dynamic
+cache that grows by concatenation). For greedy decoding none of that is needed: this loop prefills once with
+``logits_to_keep=1``, then feeds one token at a time into a preallocated ``StaticCache`` with a fixed-shape
+attention mask, so the one-token step has static shapes and can be compiled (``compile=True``: torch.compile,
+needs a C++ compiler on CPU; the first call per batch shape pays the compilation).
+
+Greedy output equals ``llm.generate(do_sample=False)`` token for token (tests/test_fast_generate.py).
+Sampling, beams and multiple return sequences are not handled here: callers use ``generate`` for those.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import StaticCache
+
+
+class _Stepper:
+    """One compiled (or eager) one-token decode step per LLM, kept on the LLM so compilation happens once."""
+
+    def __init__(self, llm, compile: bool):
+        self.llm = llm
+        self.fn = torch.compile(self._step, dynamic=False, fullgraph=False) if compile else self._step
+
+    def _step(self, tokens, positions, mask, cache):  # [B, 1], [B, 1], [B, S] -> [B] next tokens
+        logits = self.llm(input_ids=tokens, position_ids=positions, attention_mask=mask, cache=cache,
+                          use_cache=True).logits  # [B, 1, V]
+        return logits[:, -1].argmax(-1)
+
+
+def _stepper(llm, compile: bool) -> _Stepper:
+    attr = "_mm_fast_stepper_compiled" if compile else "_mm_fast_stepper"
+    stepper = llm.__dict__.get(attr)
+    if stepper is None:
+        stepper = _Stepper(llm, compile)
+        llm.__dict__[attr] = stepper  # not a submodule: plain attribute, never saved
+    return stepper
+
+
+@torch.no_grad()
+def greedy_generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    max_new_tokens: int = 64,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    streamer=None,
+    compile: bool = False,
+) -> torch.Tensor:
+    """Greedy continuation of left-padded ``input_ids`` ``[B, T]`` (placeholders expanded). Returns the new
+    tokens ``[B, N]`` (N <= max_new_tokens; rows that finished early are filled with ``pad_token_id``),
+    as ``llm.generate`` does when given ``inputs_embeds``."""
+    llm = model.llm
+    batch, length = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    eos = torch.tensor([] if eos_token_id is None else
+                       ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)), device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    total = length + max_new_tokens
+    mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)  # [B, S] fixed
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T], left padding aware
+    cache = StaticCache(config=llm.config, max_cache_len=total)
+    embeddings = model.embed(input_ids, pixel_values)  # images encoded once, here
+    stepper = _stepper(llm, compile and model.moe is None)
+    out = []
+    if streamer is not None:  # as generate does with inputs_embeds: an empty prompt first (skip_prompt eats it)
+        streamer.put(input_ids.new_empty(batch, 0).cpu())
+    with model.routing(input_ids == model.image_token_id):  # first pass: the prompt; later passes are text
+        logits = llm(inputs_embeds=embeddings, attention_mask=mask[:, :length], position_ids=positions, cache=cache,
+                     use_cache=True, logits_to_keep=1).logits  # [B, 1, V]
+        token = logits[:, -1].argmax(-1)  # [B]
+        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        position = positions[:, -1:]  # [B, 1]
+        for step in range(max_new_tokens):
+            token = torch.where(done, torch.full_like(token, pad), token)
+            out.append(token)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if len(eos):
+                done = done | torch.isin(token, eos)
+                if bool(done.all()):
+                    break
+            if step == max_new_tokens - 1:
+                break
+            position = position + 1
+            token = stepper.fn(token[:, None], position, mask, cache)
+    if streamer is not None:
+        streamer.end()
+    return torch.stack(out, dim=1)  # [B, N]
+
+
+def greedy_options(generation: dict[str, Any]) -> bool:
+    """True when ``generate_batch``'s keywords ask for plain greedy decoding (what ``greedy_generate`` does)."""
+    known = {"max_new_tokens", "temperature", "top_p", "num_beams", "num_return_sequences", "do_sample"}
+    if set(generation) - known:
+        return False
+    return (not generation.get("temperature") and generation.get("num_beams", 1) == 1
+            and generation.get("num_return_sequences", 1) == 1 and not generation.get("do_sample"))

@@ -1,0 +1,63 @@
+"""Fast greedy decoding equals transformers' greedy generate token for token (left padding, EOS, images)."""
+import torch
+
+from mm.fast_generate import greedy_generate, greedy_options
+
+
+def conversations(images):
+    return [
+        ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image please"}]}],
+         images[:1]),
+        ([{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "hi"}]}],
+         images[1:]),
+    ]
+
+
+@torch.no_grad()
+def test_equals_generate(tiny_model, images):
+    model = tiny_model
+    batch = model.collate(conversations(images))
+    embeddings = model.embed(batch["input_ids"], batch["pixel_values"])
+    for eos in (model.tokenizer.eos_token_id, None):
+        expected = model.llm.generate(inputs_embeds=embeddings, attention_mask=batch["attention_mask"],
+                                      max_new_tokens=24, do_sample=False, pad_token_id=model.tokenizer.pad_token_id,
+                                      eos_token_id=eos)
+        ours = greedy_generate(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                               max_new_tokens=24, eos_token_id=eos, pad_token_id=model.tokenizer.pad_token_id)
+        assert torch.equal(ours, expected)
+
+
+@torch.no_grad()
+def test_stops_at_eos(tiny_model, images):
+    model = tiny_model
+    batch = model.collate(conversations(images)[:1])
+    free = greedy_generate(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                           max_new_tokens=6)
+    eos = int(free[0, 2])  # pretend the third greedy token is the end of turn
+    stopped = greedy_generate(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                              max_new_tokens=6, eos_token_id=eos)
+    assert stopped[0].tolist() == free[0, : free[0].tolist().index(eos) + 1].tolist()
+
+
+def test_greedy_options():
+    assert greedy_options({"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "num_beams": 1})
+    assert not greedy_options({"temperature": 0.7})
+    assert not greedy_options({"num_beams": 2})
+    assert not greedy_options({"num_return_sequences": 2})
+    assert not greedy_options({"repetition_penalty": 1.2})
+
+
+@torch.no_grad()
+def test_streamer_sees_every_token(tiny_model, images):
+    from transformers import TextStreamer
+
+    class Collect(TextStreamer):
+        def on_finalized_text(self, text, stream_end=False):
+            self.text = getattr(self, "text", "") + text
+
+    model = tiny_model
+    batch = model.collate(conversations(images)[:1])
+    streamer = Collect(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    new = greedy_generate(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                          max_new_tokens=8, streamer=streamer)
+    assert streamer.text == model.tokenizer.decode(new[0], skip_special_tokens=True)
