@@ -1,0 +1,75 @@
+"""Resume after ``kill -9`` ends with the same weights as an uninterrupted run; ZeRO-3 on 2 CPU processes."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mm.train import checkpoints
+
+from train_helpers import ROOT, TINY, run, subprocess_env, tiny_config
+
+STEPS = ["trainer.max_steps=8", "trainer.save_every=2", "trainer.keep_last=2", "trainer.grad_accum=2"]
+
+
+def _cli(config_overrides: list[str]) -> list[str]:
+    return [sys.executable, "recipes/train.py", "--no-progress", "--config", str(TINY / "1_align.yaml"),
+            *config_overrides]
+
+
+def _overrides(corpus, out):
+    return [f"output_dir={out}", f"data.train={corpus}/train/interleaved-*.tar", "data.batch_size=2",
+            "data.seq_len=96", "data.shuffle_buffer=8", *STEPS]
+
+
+def test_resume_after_kill_equals_uninterrupted(corpus, tmp_path):
+    reference = run(tiny_config("1_align", tmp_path / "straight", corpus, *STEPS))
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(_overrides(corpus, out)), cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-00000004" / "complete").exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists(), "the run finished before it could be killed"
+    assert checkpoints.latest(out)[0] in (4, 6)
+
+    resumed = subprocess.run(_cli(_overrides(corpus, out)), cwd=ROOT, env=subprocess_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    a, b = load_file(str(reference / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(a[n], load_file(str(out / "checkpoints" / "step-00000006" / "model" /
+                                                  "model.safetensors"))[n]) for n in a if n.startswith("adapter."))
+    assert [s for s, _ in checkpoints.complete_checkpoints(out)] == [6, 8]  # keep_last=2
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_zero3_two_processes(corpus, tmp_path):
+    out = tmp_path / "zero3"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+           "recipes/train.py", "--no-progress", "--config", str(TINY / "1_align.yaml"),
+           *_overrides(corpus, out)[:-4], "trainer.max_steps=3", "trainer.save_every=2", "trainer.zero_stage=3"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import mm
+
+    model = mm.load(out / "final")
+    start = mm.load(out / "checkpoints" / "step-00000002" / "model")
+    adapter_changed = any(not torch.equal(p, q) for p, q in zip(model.adapter.parameters(), start.adapter.parameters()))
+    llm_same = all(torch.equal(p, q) for p, q in zip(model.llm.parameters(), start.llm.parameters()))
+    assert adapter_changed and llm_same

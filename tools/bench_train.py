@@ -1,0 +1,203 @@
+"""Training throughput of the align stage: ours vs transformers' LlavaForConditionalGeneration.
+
+Same weights (SmolLM2-135M-Instruct + a small random CLIP vision tower saved to a temp dir and given to ours as
+``hf:<dir>``, cut at the same layer; the MLP projector copied from ours), same documents, same step: encoder and
+LLM frozen, projector trained with AdamW. Ours runs through the real DeepSpeed engine with the training loss
+(hidden states, LM head only at labelled positions) on the documents packed into rows (block-diagonal
+attention); the baseline is the plain PyTorch loop most LLaVA trainers use: the documents right-padded into a
+batch, ``model(..., labels=...)`` (full logits), ``loss.backward()``, ``optimizer.step()``.
+Steps alternate between the two; figures are medians. Also: achieved model FLOP/s of ours as a fraction of
+this machine's fp32 matmul peak (a large ``torch.mm``, measured in the same run), counting ``4N`` FLOPs per
+non-pad token for a frozen-LLM stage (forward 2N + activation gradients 2N; N = LLM parameters without the
+input embedding).
+
+    python tools/bench_train.py [--quick]
+
+The 8 documents of a step are packed into rows of at most 128 tokens for ours (data.seq_len=128; longer rows
+cost more attention on CPU than they save).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 FLOP/s of ``torch.mm`` on n x n matrices (best of ``repeats``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def _tower_dir() -> Path:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    directory = Path(tempfile.mkdtemp(prefix="mm-bench-clip-"))
+    config = CLIPVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
+                              image_size=64, patch_size=16)
+    torch.manual_seed(0)
+    CLIPVisionModel(config).save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(directory)
+    return directory
+
+
+def _llava_from(ours, image_id: int):
+    """A LlavaForConditionalGeneration holding exactly our weights (tower cut at the same layer)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    tower = ours.encoder.model
+    vision_config = tower.config
+    config = LlavaConfig(vision_config=vision_config.to_dict(), text_config=ours.llm.config.to_dict(),
+                         image_token_index=image_id, image_seq_length=ours.tokens_per_image,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu", tie_word_embeddings=ours.llm.config.tie_word_embeddings)
+    config.vision_config.num_hidden_layers = len(getattr(tower, "vision_model", tower).encoder.layers)
+    llava = LlavaForConditionalGeneration(config).eval()
+    missing, unexpected = llava.model.vision_tower.load_state_dict(tower.state_dict(), strict=False)
+    if unexpected or any("post_layernorm" not in name for name in missing):
+        raise RuntimeError(f"vision tower weights do not match: {missing[:3]} {unexpected[:3]}")
+    llava.model.language_model.load_state_dict(ours.llm.model.state_dict())
+    llava.lm_head.load_state_dict(ours.llm.lm_head.state_dict())
+    projector = llava.model.multi_modal_projector
+    projector.linear_1.load_state_dict(ours.adapter.mlp[0].state_dict())
+    projector.linear_2.load_state_dict(ours.adapter.mlp[2].state_dict())
+    llava.requires_grad_(False)
+    projector.requires_grad_(True)
+    return llava
+
+
+def _pack(batch: dict, pad_id: int, width: int) -> dict:
+    """The padded batch's documents packed in order into rows of ``width`` (block-diagonal causal mask)."""
+    docs = []
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        n = int(mask.sum())
+        docs.append((ids[:n], labels[:n]))
+    rows: list[list] = [[]]
+    for doc in docs:
+        if rows[-1] and sum(len(d[0]) for d in rows[-1]) + len(doc[0]) > width:
+            rows.append([])
+        rows[-1].append(doc)
+    width = max(sum(len(d[0]) for d in row) for row in rows)
+    B = len(rows)
+    input_ids = torch.full((B, width), pad_id)
+    labels = torch.full((B, width), -100)
+    position_ids = torch.zeros((B, width), dtype=torch.long)
+    document = torch.full((B, width), -1)
+    for b, row in enumerate(rows):
+        at = 0
+        for d, (ids, lab) in enumerate(row):
+            n = len(ids)
+            input_ids[b, at:at + n], labels[b, at:at + n] = ids, lab
+            position_ids[b, at:at + n] = torch.arange(n)
+            document[b, at:at + n] = d
+            at += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = ((document.unsqueeze(2) == document.unsqueeze(1)) & causal).unsqueeze(1)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask,
+            "pixel_values": batch["pixel_values"]}
+
+
+def run(quick: bool = False) -> dict:
+    import mm
+    from mm.data import DataConfig, build_loader, make_synthetic
+    from mm.train import TrainConfig
+    from mm.train.build import TrainModule
+    from mm.train.engine import init_distributed, initialize
+    from mm.train.losses import LMLoss
+    from mm.train.stage import apply_stage
+
+    torch.manual_seed(0)
+    corpus = make_synthetic(Path(tempfile.gettempdir()) / "mm-bench-synthetic", n=200, n_val=20)
+    tower = _tower_dir()
+    config = TrainConfig(output_dir=tempfile.mkdtemp(prefix="mm-bench-run-"))
+    config.model = mm.ModelConfig(encoder=f"hf:{tower}", adapter="mlp", llm="smollm2-135m")
+    config.trainer.max_steps, config.trainer.save_every = 1000, 1000
+    config.data = DataConfig(train=f"{corpus}/train/interleaved-*.tar", batch_size=8, seq_len=128, pack=False)
+    ours = mm.build(config.model)
+    llava_image_id = ours.llm.config.vocab_size - 1  # an in-vocabulary id for LLaVA's placeholder
+    llava = _llava_from(ours, llava_image_id)
+
+    init_distributed()
+    groups = apply_stage(ours, [("adapter.*", 1e-4)])
+    engine = initialize(TrainModule(ours, LMLoss()), groups, config)
+    engine.train()
+    optimizer = torch.optim.AdamW([p for p in llava.parameters() if p.requires_grad], lr=1e-4)
+    llava.train()
+
+    pad_id = ours.tokenizer.pad_token_id
+    batches = iter(build_loader(config.data, ours, kind="interleaved"))
+
+    def ours_step(batch):
+        loss, _ = engine(_pack(batch, pad_id, config.data.seq_len))
+        engine.backward(loss)
+        engine.step()
+
+    def llava_step(batch):
+        ids = batch["input_ids"].masked_fill(batch["input_ids"] == ours.image_token_id, llava_image_id)
+        labels = batch["labels"]
+        out = llava(input_ids=ids, pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                    labels=labels)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    rounds = 3 if quick else 8
+    ratios, ours_rates, llava_rates = [], [], []
+    peaks = []
+    for i in range(rounds + 1):  # round 0 warms up
+        batch = next(batches)
+        tokens = int(batch["attention_mask"].sum())
+        times = {}
+        for name, step in (("ours", ours_step), ("llava", llava_step)) if i % 2 == 0 else \
+                (("llava", llava_step), ("ours", ours_step)):
+            start = time.perf_counter()
+            step(batch)
+            times[name] = time.perf_counter() - start
+        peaks.append(matmul_peak())
+        if i == 0:
+            continue
+        ratios.append(times["llava"] / times["ours"])
+        ours_rates.append(tokens / times["ours"])
+        llava_rates.append(tokens / times["llava"])
+    n_params = sum(p.numel() for p in ours.llm.parameters()) - ours.llm.get_input_embeddings().weight.numel()
+    if ours.llm.config.tie_word_embeddings:
+        n_params += ours.llm.get_input_embeddings().weight.numel()  # the LM head still multiplies by it
+    peak = statistics.median(peaks)
+    ours_tps = statistics.median(ours_rates)
+    return {
+        "speedup_vs_llava_hf": round(statistics.median(ratios), 3),
+        "ours_tokens_per_s": round(ours_tps, 1),
+        "llava_hf_tokens_per_s": round(statistics.median(llava_rates), 1),
+        "llm_params_N": n_params,
+        "ours_model_flops_per_s": round(4 * n_params * ours_tps / 1e9, 2),
+        "matmul_peak_gflops": round(peak / 1e9, 2),
+        "ours_fraction_of_peak": round(4 * n_params * ours_tps / peak, 3),
+        "rounds": rounds,
+        "batch": f"{config.data.batch_size} documents (padded for LLaVA, packed into <= {config.data.seq_len}-token rows for ours)",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(run(quick=args.quick), indent=2))
+
+
+if __name__ == "__main__":
+    main()
