@@ -64,6 +64,19 @@ def _read_local(root: Path, name: str) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
+def _attach_images(content: list[dict[str, Any]], markers: int, names: list[str], image_root: Path):
+    """LLaVA convention: without ``<image>`` markers the images go first in ``content`` (changed in place);
+    with markers their count must equal the image names. Returns ``(image bytes, None)`` or ``(None, reason)``."""
+    if names and markers == 0:
+        content[:0] = [{"type": "image", "image": ""} for _ in names]
+    elif markers != len(names):
+        return None, "image_count_mismatch"
+    images = [_read_local(image_root, name) for name in names]
+    if any(image is None for image in images):
+        return None, "missing_image"
+    return images, None
+
+
 # ----- LLaVA --------------------------------------------------------------------------------------------------
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -79,18 +92,13 @@ def llava_docs(records: list[dict[str, Any]], image_root: Path, lang: str = "en"
             yield "malformed_entry"
             continue
         markers = sum(p["type"] == "image" for m in messages for p in m["content"])
-        if names and markers == 0:  # LLaVA convention: the images precede the first user turn
-            first = next((m for m in messages if m["role"] == "user"), None)
-            if first is None:
-                yield "malformed_entry"
-                continue
-            first["content"] = [{"type": "image", "image": ""} for _ in names] + first["content"]
-        elif markers != len(names):
-            yield "image_count_mismatch"
+        first = next((m for m in messages if m["role"] == "user"), None)
+        if first is None and names and markers == 0:  # nowhere to put the images
+            yield "malformed_entry"
             continue
-        images = [_read_local(image_root, name) for name in names]
-        if any(image is None for image in images):
-            yield "missing_image"
+        images, problem = _attach_images(first["content"] if first else [], markers, names, image_root)
+        if problem:
+            yield problem
             continue
         key = f"llava{n:08d}_{record.get('id', '')}"
         yield key, {"kind": "chat", "lang": lang, "source": {"llava_id": record.get("id"), "images": names},
@@ -177,14 +185,9 @@ def preference_docs(records: list[dict[str, Any]], image_root: Path, lang: str =
         names = [names] if isinstance(names, str) else list(names)
         content = split_markers(question)
         markers = sum(p["type"] == "image" for p in content)
-        if markers == 0:
-            content = [{"type": "image", "image": ""} for _ in names] + content
-        elif markers != len(names):
-            yield "image_count_mismatch"
-            continue
-        images = [_read_local(image_root, name) for name in names]
-        if any(image is None for image in images):
-            yield "missing_image"
+        images, problem = _attach_images(content, markers, names, image_root)
+        if problem:
+            yield problem
             continue
         doc = {"kind": "preference", "lang": lang, "source": {"id": record.get("id"), "images": names},
                "messages": [{"role": "user", "content": content}], "chosen": chosen, "rejected": rejected}
