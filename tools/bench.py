@@ -82,11 +82,17 @@ def run_module(name: str, quick: bool, device: str) -> tuple[dict | None, str | 
         kwargs["device"] = device
     elif device != "cpu":
         return None, f"{name}.run has no device parameter (CPU only)", 0.0
+    import torch
+
+    grad_mode, threads = torch.is_grad_enabled(), torch.get_num_threads()
     try:
         result = module.run(**kwargs)
     except Exception as exc:  # one failing benchmark must not lose the others' figures
         traceback.print_exc(file=sys.stderr)
         return None, f"failed: {type(exc).__name__}: {exc}", time.perf_counter() - start
+    finally:  # global torch state one module sets must not leak into the next
+        torch.set_grad_enabled(grad_mode)
+        torch.set_num_threads(threads)
     return result, None, time.perf_counter() - start
 
 

@@ -91,12 +91,12 @@ def llm_weight_bytes(llm) -> int:
     return total
 
 
+@torch.no_grad()
 def run(quick: bool = False, device: str = "cpu", compile: bool | None = None) -> dict:
     from PIL import Image
 
     from mm.fast_generate import greedy_generate
 
-    torch.set_grad_enabled(False)
     compile = (device == "cpu" and not quick) if compile is None else compile
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     new_tokens, repeats = (12, 3) if quick else (40, 5)
