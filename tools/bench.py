@@ -239,6 +239,19 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+KEEP_MARKER = "<!-- kept on regeneration: figures from other commands below -->"
+
+
+def kept_section(path: str) -> str:
+    """The part of an existing file from KEEP_MARKER on (figures other tools produce, each with its command)."""
+    try:
+        text = open(path).read()
+    except OSError:
+        return ""
+    at = text.find(KEEP_MARKER)
+    return "" if at < 0 else "\n" + text[at:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens (a smoke run)")
@@ -256,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report, indent=2, default=str))
     if args.markdown:
         with open(args.markdown + ".tmp", "w") as handle:
-            handle.write(markdown(report))
+            handle.write(markdown(report) + kept_section(args.markdown))
         os.replace(args.markdown + ".tmp", args.markdown)
     return 0
 

@@ -42,3 +42,11 @@ def test_collect_and_markdown(bench, tmp_path):
     text = bench.markdown(report)
     assert "| packing_efficiency | 0.970 | >= 0.95 | yes |" in text
     assert "| mfu | 0.500 | >= 0.75 | no |" in text
+
+
+def test_regeneration_keeps_the_hand_run_section(bench, tmp_path):
+    target = tmp_path / "BENCHMARKS.md"
+    target.write_text(f"# old table\n\n{bench.KEEP_MARKER}\n## Learning check\naccuracy 0.9\n")
+    kept = bench.kept_section(str(target))
+    assert kept.startswith("\n" + bench.KEEP_MARKER) and "accuracy 0.9" in kept and "old table" not in kept
+    assert bench.kept_section(str(tmp_path / "missing.md")) == ""
