@@ -127,7 +127,9 @@ def save_checkpoint(engine, model, run: Path, step: int, trainer_state: dict, ke
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    engine.save_checkpoint(str(tmp / "ds"), tag="state", client_state={"trainer": trainer_state}, save_latest=False)
+    # Frozen weights are not resume state: they come back from the model build (pretrained or init_from).
+    engine.save_checkpoint(str(tmp / "ds"), tag="state", client_state={"trainer": trainer_state}, save_latest=False,
+                           exclude_frozen_parameters=True)
     export_model(model, tmp / "model", zero3)
     if _rank() == 0:
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
@@ -144,7 +146,7 @@ def save_checkpoint(engine, model, run: Path, step: int, trainer_state: dict, ke
 def load_checkpoint(engine, directory: Path) -> dict:
     """Restore engine, optimizer and scheduler state; returns the saved trainer state."""
     _, client = engine.load_checkpoint(str(directory / "ds"), tag="state", load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+                                       load_lr_scheduler_states=True, load_module_strict=False)
     return client["trainer"]
 
 

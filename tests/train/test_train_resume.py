@@ -54,6 +54,10 @@ def test_resume_after_kill_equals_uninterrupted(corpus, tmp_path):
     assert any(not torch.equal(a[n], load_file(str(out / "checkpoints" / "step-00000006" / "model" /
                                                   "model.safetensors"))[n]) for n in a if n.startswith("adapter."))
     assert [s for s, _ in checkpoints.complete_checkpoints(out)] == [6, 8]  # keep_last=2
+    # resume state holds the trained tensors only: the frozen LLM and encoder come back from the build
+    state = torch.load(out / "checkpoints" / "step-00000008" / "ds" / "state" / "mp_rank_00_model_states.pt",
+                       weights_only=False)  # written by this test's own run
+    assert state["module"] and all(name.startswith("model.adapter.") for name in state["module"])
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
 
