@@ -9,9 +9,8 @@ import json
 import sys
 from typing import Callable
 
-from mm.errors import MMError
+from mm.errors import EXIT_USAGE, MMError, report
 
-EXIT_USAGE = 2
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +65,7 @@ def run_caption(args: argparse.Namespace) -> int:
             try:
                 image = open_image(path)
             except MMError as exc:
-                print(f"mm: error: {exc}", file=sys.stderr, flush=True)
+                report(exc)
                 failed += 1
                 continue
             good.append(path)
@@ -189,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except MMError as exc:
-        print(f"mm: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return report(exc)
     except KeyboardInterrupt:
         return 130
 

@@ -65,7 +65,7 @@ def caption_demo(final: Path, data: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    from mm.errors import MMError
+    from mm.errors import MMError, report
 
     try:
         from mm.config import load_config
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if demo_data is not None and dist.get_rank() == 0:
             caption_demo(final, demo_data)
     except MMError as exc:
-        print(f"mm: error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     return 0
 
 

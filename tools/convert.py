@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mm.errors import MMError  # noqa: E402
+from mm.errors import MMError, report  # noqa: E402
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -117,8 +117,7 @@ def main(argv=None) -> int:
     try:
         stats = run(args)
     except MMError as exc:
-        print(f"mm: error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     print(json.dumps(stats, indent=1))
     return 0
 

@@ -21,15 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mm.checkpoint import load, read_config
-    from mm.errors import MMError
+    from mm.errors import MMError, report
     from mm.interop import check_exportable, export_llava
 
     try:
         check_exportable(read_config(args.model))  # refuse before loading any weights
         out = export_llava(load(args.model), args.out, max_shard_size=args.max_shard_size)
     except MMError as exc:
-        print(f"mm: error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     print(f"wrote LLaVA checkpoint to {out}")
     return 0
 

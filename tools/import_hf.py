@@ -19,14 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="mm model directory to write")
     args = parser.parse_args(argv)
 
-    from mm.errors import MMError
+    from mm.errors import MMError, report
     from mm.interop import import_llava
 
     try:
         import_llava(args.hf, args.out)
     except MMError as exc:
-        print(f"mm: error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     print(f"wrote mm model to {args.out}")
     return 0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mm.errors import MMError  # noqa: E402
+from mm.errors import MMError, report  # noqa: E402
 
 
 def renderer_for(args):
@@ -60,8 +60,7 @@ def main(argv=None) -> int:
 
         summary = inspect_shards(args.shards, renderer_for(args))
     except MMError as exc:
-        print(f"mm: error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0

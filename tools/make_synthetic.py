@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mm.errors import MMError  # noqa: E402
+from mm.errors import MMError, report  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,8 +33,7 @@ def main(argv=None) -> int:
         out = make_synthetic(args.out, n=args.n, seed=args.seed, n_val=args.n_val,
                              samples_per_shard=args.samples_per_shard, overwrite=args.overwrite, progress=True)
     except MMError as exc:
-        print(f"mm: error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     print(json.dumps(json.loads((out / "manifest.json").read_text())["docs_per_kind"]))
     return 0
 

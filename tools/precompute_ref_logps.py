@@ -71,13 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output directory for the annotated shards")
     parser.add_argument("--seq-len", type=int, default=512)
     args = parser.parse_args(argv)
-    from mm.errors import MMError
+    from mm.errors import MMError, report
 
     try:
         n = precompute(args.model, args.shards, args.out, args.seq_len)
     except MMError as exc:
-        print(f"mm: error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     print(f"wrote {n} preference documents with ref_logp to {args.out}")
     return 0
 
