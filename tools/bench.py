@@ -5,7 +5,8 @@
 Each ``tools/bench_<topic>.py`` has ``run(quick=False[, device=...]) -> dict``; a module that is missing or fails is
 skipped with its reason recorded. Headline figures are picked from the modules' results (see FIGURES) and each
 carries the machine it came from. With ``--device cuda`` the modules that take a ``device`` run on the GPU and
-the training-step MFU of a ~0.5B-parameter configuration is measured too (``gpu_mfu``); never used by tests.
+``tools/bench_train_gpu.py`` adds the training-step MFU of a ~0.5B-parameter configuration (``gpu_mfu``); never
+used by tests.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ FIGURES = {
     "moe_overhead": ("<= 1.15", ["bench_moe:moe_overhead", "bench_moe:forward.experts_vs_plain"]),
     "mfu": (">= 0.75", ["bench_train:mfu"]),
     "decode_bandwidth_fraction": ("", ["bench_generate:decode_bandwidth_fraction"]),
+    "gpu_mfu": ("", ["bench_train_gpu:mfu"]),  # --device cuda only: ~0.5B training step, bf16
 }
 # loader_headroom when no module reports it: loader samples/s over the training step's samples/s
 LOADER_RATE = ["bench_loader:loader_samples_per_s"]
@@ -96,71 +98,10 @@ def run_module(name: str, quick: bool, device: str) -> tuple[dict | None, str | 
     return result, None, time.perf_counter() - start
 
 
-def gpu_mfu(quick: bool = False) -> dict:
-    """Training-step MFU of a Qwen2-0.5B-sized random LLM + tiny vision tower on one GPU (bf16, all weights train,
-    6 N FLOPs per token) against the bf16 matmul peak measured in the same run."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    import mm
-    from mm.build import assemble, build_encoder
-    from mm.llm.tiny import build_tiny
-
-    device = "cuda"
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    reps = 20
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    peak = 2 * n**3 * reps / (time.perf_counter() - start)
-    del a, b
-
-    config = mm.ModelConfig(encoder="tiny-vit", adapter="mlp", llm="tiny-qwen2", freeze_llm=False, dtype="bfloat16")
-    llm_config = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                             num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096,
-                             tie_word_embeddings=True)
-    torch.manual_seed(0)
-    llm = AutoModelForCausalLM.from_config(llm_config, dtype=torch.float32, attn_implementation="sdpa")
-    _, tokenizer = build_tiny("qwen2")
-    model = assemble(config, build_encoder(config, pretrained=False), llm, tokenizer).to(device).train()
-    params = sum(p.numel() for p in model.llm.parameters())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    batch, seq = (4, 1024) if quick else (8, 2048)
-    per_image = model.tokens_per_image
-    ids = torch.randint(10, 1000, (batch, seq), device=device)
-    ids[:, 1 : 1 + per_image] = model.image_token_id
-    pixels = torch.randn(batch, 3, 32, 32, device=device, dtype=torch.bfloat16)
-    labels = ids.masked_fill(ids == model.image_token_id, -100)
-
-    def step():
-        loss = model(ids, pixel_values=pixels, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    steps = 5 if quick else 10
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    achieved = 6 * params * batch * seq / seconds
-    return {"mfu": achieved / peak, "llm_params_m": params / 1e6, "tokens_per_step": batch * seq,
-            "step_s": seconds, "achieved_tflops": achieved / 1e12, "peak_bf16_tflops": peak / 1e12,
-            "flops_count": "6 N per token (all weights train), attention FLOPs not counted"}
-
-
 def collect(quick: bool, device: str, modules: list[str]) -> dict:
     results, skipped, seconds = {}, {}, {}
+    if device.startswith("cuda") and "bench_train_gpu" not in modules:
+        modules = modules + ["bench_train_gpu"]  # the ~0.5B training-step MFU: GPU runs only
     for name in modules:
         result, reason, took = run_module(name, quick, device)
         seconds[name] = round(took, 1)
@@ -169,17 +110,11 @@ def collect(quick: bool, device: str, modules: list[str]) -> dict:
             print(f"bench: skip {name}: {reason}", file=sys.stderr)
         else:
             results[name] = result
-    if device.startswith("cuda"):
-        try:
-            results["gpu_mfu"] = gpu_mfu(quick)
-        except Exception as exc:
-            traceback.print_exc(file=sys.stderr)
-            skipped["gpu_mfu"] = f"failed: {type(exc).__name__}: {exc}"
+            # each module's figures as soon as it ends: a run cut short still leaves them in the log
+            print(f"bench: {name} done in {took:.0f} s: {json.dumps(result, default=str)}", file=sys.stderr)
     host = machine()
     report = {"device": device, "quick": quick, "machine": host}
     for figure, (goal, sources) in FIGURES.items():
-        if figure == "mfu" and "gpu_mfu" in results:
-            sources = ["gpu_mfu:mfu"] + sources
         value, source = first(results, sources)
         if value is None and figure == "loader_headroom":
             loader, loader_src = first(results, LOADER_RATE)

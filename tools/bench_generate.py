@@ -40,6 +40,15 @@ class TokenClock:
         pass
 
 
+def llm_weights() -> str:
+    """``stand-in`` when the cached SmolLM2 directory was written by ``tools/stand_in_llm.py`` (same config and
+    tokenizer, random values: speed does not depend on them), else ``real``."""
+    from mm.llm.smollm2 import cache_root
+    from stand_in_llm import MARKER
+
+    return "stand-in (random values)" if (cache_root() / "smollm2-135m-instruct" / MARKER).exists() else "real"
+
+
 def build_lite(device: str):
     import mm
 
@@ -98,7 +107,7 @@ def run(quick: bool = False, device: str = "cpu", compile: bool | None = None) -
 
     from mm.fast_generate import greedy_generate
 
-    compile = (device == "cpu" and not quick) if compile is None else compile
+    compile = (not quick) if compile is None else compile
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     new_tokens, repeats = (12, 3) if quick else (40, 5)
     ours = build_lite(device)
@@ -135,6 +144,12 @@ def run(quick: bool = False, device: str = "cpu", compile: bool | None = None) -
     calls = {"peer": peer_call, "ours_plain": plain_call, "ours_fast": fast_call,
              "ours_fast_no_prefix_reuse": fast_no_reuse_call}
     compile_start = time.perf_counter()
+    compile_error = None
+    if compile:
+        try:
+            fast_call(None)
+        except Exception as exc:  # no compiler here: the eager fast path still gives figures
+            compile_error, compile = f"{type(exc).__name__}: {str(exc)[:300]}", False
     outputs = {name: call(None) for name, call in calls.items()}  # warm-up (and compilation)
     warmup_s = time.perf_counter() - compile_start
     plain_tokens = outputs["ours_plain"][0, -new_tokens:].tolist()
@@ -172,6 +187,8 @@ def run(quick: bool = False, device: str = "cpu", compile: bool | None = None) -
         "llm_weight_mb": weight_bytes / 1e6,
         "greedy_equal": greedy_equal,
         "compiled": compile,
+        "compile_error": compile_error,
+        "llm_weights": llm_weights(),
         "new_tokens": new_tokens,
         "repeats": repeats,
         "image_tokens": ours.tokens_per_image,
