@@ -3,8 +3,9 @@
 ``generate`` pays a fixed cost per token (logits processors, stopping criteria, cache bookkeeping, a dynamic
 cache that grows by concatenation). For greedy decoding none of that is needed: this loop prefills once with
 ``logits_to_keep=1``, then feeds one token at a time into a preallocated ``StaticCache`` with a fixed-shape
-attention mask, so the one-token step has static shapes and can be compiled (``compile=True``: torch.compile,
-needs a C++ compiler on CPU; the first call per batch shape pays the compilation).
+attention mask, so the one-token step has static shapes and can be compiled (``compile=True``: torch.compile of the image
+encoding, the prefill (dynamic length) and the step, CUDA graphs for the step on a GPU; needs a C++ compiler on
+CPU; the first calls pay the compilation, about a minute on 2 CPU cores).
 
 Prefix reuse: the key/values of the longest shared text prefix of the prompt (the chat template's system prompt
 and turn header, the tokens before the first image) are kept on the LLM after a call; a later prompt that starts
@@ -26,35 +27,45 @@ from transformers.cache_utils import StaticLayer
 MIN_PREFIX = 2  # a shorter shared prefix is not worth a separate prefill call on a miss
 
 
-class _Stepper:
-    """One compiled (or eager) one-token decode step per LLM, kept on the LLM so compilation happens once."""
+class _Runner:
+    """The three calls of greedy decoding for one model: image encoding, the prompt's prefill (any length) and
+    the one-token step (static shapes). With ``compile``, each is a torch.compile'd function, compiled on first
+    use and kept on the model; on a GPU the step also runs as a CUDA graph."""
 
-    def __init__(self, llm, compile: bool):
-        self.llm = llm
-        # On a GPU, CUDA graphs remove the kernel-launch cost that dominates a small model's one-token step.
-        self.graphs = compile and next(llm.parameters()).is_cuda
-        mode = "reduce-overhead" if self.graphs else None
-        self.fn = torch.compile(self._step, dynamic=False, fullgraph=False, mode=mode) if compile else self._step
+    def __init__(self, model, compile: bool):
+        self.model = model
+        self.graphs = compile and next(model.llm.parameters()).is_cuda
+        if compile:
+            self.encode = torch.compile(model.encode_images, dynamic=False)
+            self.prefill = torch.compile(self._prefill, dynamic=True)
+            self.step_fn = torch.compile(self._step, dynamic=False, mode="reduce-overhead" if self.graphs else None)
+        else:
+            self.encode, self.prefill, self.step_fn = model.encode_images, self._prefill, self._step
 
-    def __call__(self, tokens, positions, mask, cache):
-        if not self.graphs:
-            return self.fn(tokens, positions, mask, cache)
-        torch.compiler.cudagraph_mark_step_begin()
-        return self.fn(tokens, positions, mask, cache).clone()  # the graph's output buffer is reused next step
-
-    def _step(self, tokens, positions, mask, cache):  # [B, 1], [B, 1], [B, S] -> [B] next tokens
-        logits = self.llm(input_ids=tokens, position_ids=positions, attention_mask=mask, cache=cache,
-                          use_cache=True).logits  # [B, 1, V]
+    def _prefill(self, embeddings, mask, positions, cache):  # [B, T, D], [B, S'], [B, T] -> [B] next tokens
+        logits = self.model.llm(inputs_embeds=embeddings, attention_mask=mask, position_ids=positions, cache=cache,
+                                use_cache=True, logits_to_keep=1).logits  # [B, 1, V]
         return logits[:, -1].argmax(-1)
 
+    def _step(self, tokens, positions, mask, cache):  # [B, 1], [B, 1], [B, S] -> [B] next tokens
+        logits = self.model.llm(input_ids=tokens, position_ids=positions, attention_mask=mask, cache=cache,
+                                use_cache=True).logits  # [B, 1, V]
+        return logits[:, -1].argmax(-1)
 
-def _stepper(llm, compile: bool) -> _Stepper:
-    attr = "_mm_fast_stepper_compiled" if compile else "_mm_fast_stepper"
-    stepper = llm.__dict__.get(attr)
-    if stepper is None:
-        stepper = _Stepper(llm, compile)
-        llm.__dict__[attr] = stepper  # not a submodule: plain attribute, never saved
-    return stepper
+    def step(self, tokens, positions, mask, cache):
+        if not self.graphs:
+            return self.step_fn(tokens, positions, mask, cache)
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.step_fn(tokens, positions, mask, cache).clone()  # the graph's output buffer is reused next step
+
+
+def _runner(model, compile: bool) -> _Runner:
+    attr = "_mm_fast_runner_compiled" if compile else "_mm_fast_runner"
+    runner = model.__dict__.get(attr)
+    if runner is None or runner.model is not model:  # a deep copy carries its original's runner: rebuild
+        runner = _Runner(model, compile)
+        model.__dict__[attr] = runner  # not a submodule: plain attribute, never saved
+    return runner
 
 
 class _PrefixEntry:
@@ -134,7 +145,9 @@ def greedy_generate(
     mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)  # [B, S] fixed
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T], left padding aware
     cache = StaticCache(config=llm.config, max_cache_len=total)
-    embeddings = model.embed(input_ids, pixel_values)  # images encoded once, here
+    runner = _runner(model, compile and model.moe is None)
+    features = runner.encode(pixel_values) if pixel_values is not None and len(pixel_values) else None
+    embeddings = model.embed(input_ids, image_features=features)  # images encoded once, here
     shared = 0
     if reuse_prefix and model.moe is None and all(type(layer) is StaticLayer for layer in cache.layers):
         shared = _shared_prefix(input_ids, attention_mask, model.image_token_id)
@@ -152,14 +165,11 @@ def greedy_generate(
                 position_ids=positions[:, start:shared], cache=cache, use_cache=True, logits_to_keep=1)
             llm.__dict__["_mm_prefix_kv"] = _save_prefix(cache, prefix_ids, fingerprint)  # plain attribute
             start = shared
-    stepper = _stepper(llm, compile and model.moe is None)
     out = []
     if streamer is not None:  # as generate does with inputs_embeds: an empty prompt first (skip_prompt eats it)
         streamer.put(input_ids.new_empty(batch, 0).cpu())
     with model.routing(input_ids == model.image_token_id):  # first pass: the prompt; later passes are text
-        logits = llm(inputs_embeds=embeddings[:, start:], attention_mask=mask[:, :length],
-                     position_ids=positions[:, start:], cache=cache, use_cache=True, logits_to_keep=1).logits  # [B,1,V]
-        token = logits[:, -1].argmax(-1)  # [B]
+        token = runner.prefill(embeddings[:, start:], mask[:, :length], positions[:, start:], cache)  # [B]
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         position = positions[:, -1:]  # [B, 1]
         for step in range(max_new_tokens):
@@ -174,7 +184,7 @@ def greedy_generate(
             if step == max_new_tokens - 1:
                 break
             position = position + 1
-            token = stepper(token[:, None], position, mask, cache)
+            token = runner.step(token[:, None], position, mask, cache)
     if streamer is not None:
         streamer.end()
     return torch.stack(out, dim=1)  # [B, N]

@@ -78,17 +78,22 @@ class MultimodalModel(nn.Module):
         return self.adapter(tokens.to(next(self.adapter.parameters()).dtype))  # [I, M, D]
 
     # ----- forward ----------------------------------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Text embeddings with image features scattered into the placeholder positions. ``[B, T, D]``."""
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Text embeddings with image features scattered into the placeholder positions. ``[B, T, D]``.
+        ``image_features`` ``[I, M, D]``: features already computed by ``encode_images`` (then no pixels)."""
         is_image = input_ids == self.image_token_id  # [B, T]
         embeddings = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # [B, T, D]
         placeholders = int(is_image.sum())
-        if pixel_values is None or len(pixel_values) == 0:
+        if image_features is not None:
+            features = image_features
+        elif pixel_values is None or len(pixel_values) == 0:
             features = None
-            feature_count = 0
         else:
             features = self.encode_images(pixel_values)  # [I, M, D]
-            feature_count = features.shape[0] * features.shape[1]
+        feature_count = 0 if features is None else features.shape[0] * features.shape[1]
         if placeholders != feature_count:
             raise MMError(
                 f"image placeholder tokens ({placeholders}) do not match image features ({feature_count}: "

@@ -116,3 +116,26 @@ def test_prefix_reuse_text_only_and_batches(tiny_model, images):
         ours = greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=10,
                                pad_token_id=model.tokenizer.pad_token_id)
         assert torch.equal(ours, expected), texts
+
+
+@torch.no_grad()
+def test_compiled_equals_eager_across_prompt_lengths(images):
+    """The compiled encoder, prefill (dynamic length) and step give the eager tokens; weights changed after
+    compilation are seen (parameters are graph inputs, not constants)."""
+    import mm
+
+    torch.manual_seed(3)
+    model = mm.build(mm.ModelConfig(encoder="tiny-vit", adapter="mlp", llm="tiny-llama"))
+    pad = model.tokenizer.pad_token_id
+    for conversation in conversations(images):  # two prompt lengths, one and two images
+        batch = model.collate([conversation])
+        args = (model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        eager = greedy_generate(*args, max_new_tokens=8, pad_token_id=pad, reuse_prefix=False)
+        compiled = greedy_generate(*args, max_new_tokens=8, pad_token_id=pad, reuse_prefix=False, compile=True)
+        assert torch.equal(compiled, eager)
+    with torch.no_grad():
+        model.llm.get_output_embeddings().weight.mul_(-1)
+    changed = greedy_generate(*args, max_new_tokens=8, pad_token_id=pad, reuse_prefix=False)
+    assert torch.equal(greedy_generate(*args, max_new_tokens=8, pad_token_id=pad, reuse_prefix=False, compile=True),
+                       changed)
+    assert not torch.equal(changed, eager)
