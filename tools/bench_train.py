@@ -6,12 +6,14 @@ LLM frozen, projector trained with AdamW. Ours runs through the real DeepSpeed e
 (hidden states, LM head only at labelled positions) on the documents packed into rows (block-diagonal
 attention); the baseline is the plain PyTorch loop most LLaVA trainers use: the documents right-padded into a
 batch, ``model(..., labels=...)`` (full logits), ``loss.backward()``, ``optimizer.step()``.
-Steps alternate between the two; figures are medians. Also: achieved model FLOP/s of ours as a fraction of
+A second copy of ours runs with ``trainer.compile=true`` (the decoder under torch.compile; skipped with
+``--quick`` or ``--no-compile``): ``train_speedup`` and ``mfu`` are its figures, ``*_eager`` the plain engine's.
+Steps alternate; figures are medians. Also: achieved model FLOP/s of ours as a fraction of
 this machine's fp32 matmul peak (a large ``torch.mm``, measured in the same run), counting ``4N`` FLOPs per
 non-pad token for a frozen-LLM stage (forward 2N + activation gradients 2N; N = LLM parameters without the
 input embedding).
 
-    python tools/bench_train.py [--quick]
+    python tools/bench_train.py [--quick] [--no-compile]
 
 The 8 documents of a step are packed into rows of at most 128 tokens for ours (data.seq_len=128; longer rows
 cost more attention on CPU than they save).
@@ -19,6 +21,7 @@ cost more attention on CPU than they save).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -112,15 +115,16 @@ def _pack(batch: dict, pad_id: int, width: int) -> dict:
             "pixel_values": batch["pixel_values"]}
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, compile: bool | None = None) -> dict:
     import mm
     from mm.data import DataConfig, build_loader, make_synthetic
     from mm.train import TrainConfig
-    from mm.train.build import TrainModule
+    from mm.train.build import TrainModule, compile_decoder
     from mm.train.engine import init_distributed, initialize
     from mm.train.losses import LMLoss
     from mm.train.stage import apply_stage
 
+    compile = (not quick) if compile is None else compile
     torch.manual_seed(0)
     corpus = make_synthetic(Path(tempfile.gettempdir()) / "mm-bench-synthetic", n=200, n_val=20)
     tower = _tower_dir()
@@ -133,16 +137,27 @@ def run(quick: bool = False) -> dict:
     llava = _llava_from(ours, llava_image_id)
 
     init_distributed()
-    groups = apply_stage(ours, [("adapter.*", 1e-4)])
-    engine = initialize(TrainModule(ours, LMLoss()), groups, config)
-    engine.train()
+
+    def engine_for(model, compile: bool):
+        config.trainer.compile = compile
+        groups = apply_stage(model, [("adapter.*", 1e-4)])
+        compile_decoder(model, config)
+        engine = initialize(TrainModule(model, LMLoss()), groups, config)
+        engine.train()
+        return engine
+
+    engines = {"ours": engine_for(ours, False)}
+    if compile:  # a second copy of ours (same weights) with trainer.compile=true
+        twin = mm.build(config.model)
+        twin.load_state_dict(ours.state_dict())
+        engines["ours_compiled"] = engine_for(twin, True)
     optimizer = torch.optim.AdamW([p for p in llava.parameters() if p.requires_grad], lr=1e-4)
     llava.train()
 
     pad_id = ours.tokenizer.pad_token_id
     batches = iter(build_loader(config.data, ours, kind="interleaved"))
 
-    def ours_step(batch):
+    def ours_step(engine, batch):
         loss, _ = engine(_pack(batch, pad_id, config.data.seq_len))
         engine.backward(loss)
         engine.step()
@@ -157,38 +172,48 @@ def run(quick: bool = False) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     rounds = 3 if quick else 8
-    ratios, ours_rates, llava_rates, ours_samples = [], [], [], []
-    peaks = []
-    for i in range(rounds + 1):  # round 0 warms up
+    warmup = 2 if compile else 1  # compiling: the first steps compile, a new row count may recompile once
+    steps = {name: functools.partial(ours_step, engine) for name, engine in engines.items()}
+    steps["llava"] = llava_step
+    names = list(steps)
+    rates = {name: [] for name in names}
+    ratios = {name: [] for name in engines}
+    samples, peaks = [], []
+    for i in range(rounds + warmup):
         batch = next(batches)
         tokens = int(batch["attention_mask"].sum())
         times = {}
-        for name, step in (("ours", ours_step), ("llava", llava_step)) if i % 2 == 0 else \
-                (("llava", llava_step), ("ours", ours_step)):
+        for name in names if i % 2 == 0 else names[::-1]:  # alternate the order: drift hits both sides alike
             start = time.perf_counter()
-            step(batch)
+            steps[name](batch)
             times[name] = time.perf_counter() - start
         peaks.append(matmul_peak())
-        if i == 0:
+        if i < warmup:
             continue
-        ratios.append(times["llava"] / times["ours"])
-        ours_rates.append(tokens / times["ours"])
-        llava_rates.append(tokens / times["llava"])
-        ours_samples.append(config.data.batch_size / times["ours"])
+        for name in names:
+            rates[name].append(tokens / times[name])
+        for name in engines:
+            ratios[name].append(times["llava"] / times[name])
+        samples.append(config.data.batch_size / times["ours_compiled" if compile else "ours"])
     n_params = sum(p.numel() for p in ours.llm.parameters()) - ours.llm.get_input_embeddings().weight.numel()
     if ours.llm.config.tie_word_embeddings:
         n_params += ours.llm.get_input_embeddings().weight.numel()  # the LM head still multiplies by it
     peak = statistics.median(peaks)
-    ours_tps = statistics.median(ours_rates)
+    tps = {name: statistics.median(values) for name, values in rates.items()}
+    best = "ours_compiled" if compile else "ours"
     return {
-        "train_speedup": round(statistics.median(ratios), 3),  # ours tokens/s over LLaVA's, same batches
-        "ours_tokens_per_s": round(ours_tps, 1),
-        "llava_hf_tokens_per_s": round(statistics.median(llava_rates), 1),
+        "train_speedup": round(statistics.median(ratios[best]), 3),  # ours tokens/s over LLaVA's, same batches
+        "train_speedup_eager": round(statistics.median(ratios["ours"]), 3),
+        "ours": best,
+        "ours_tokens_per_s": round(tps[best], 1),
+        "ours_eager_tokens_per_s": round(tps["ours"], 1),
+        "llava_hf_tokens_per_s": round(tps["llava"], 1),
         "llm_params_N": n_params,
-        "ours_model_flops_per_s": round(4 * n_params * ours_tps / 1e9, 2),
+        "ours_model_flops_per_s": round(4 * n_params * tps[best] / 1e9, 2),
         "matmul_peak_gflops": round(peak / 1e9, 2),
-        "mfu": round(4 * n_params * ours_tps / peak, 3),  # useful FLOPs (4N per token, frozen LLM) / peak
-        "train_samples_per_s": round(statistics.median(ours_samples), 2),
+        "mfu": round(4 * n_params * tps[best] / peak, 3),  # useful FLOPs (4N per token, frozen LLM) / peak
+        "mfu_eager": round(4 * n_params * tps["ours"] / peak, 3),
+        "train_samples_per_s": round(statistics.median(samples), 2),
         "rounds": rounds,
         "batch": f"{config.data.batch_size} documents (padded for LLaVA, packed into <= {config.data.seq_len}-token rows for ours)",
     }
@@ -197,8 +222,9 @@ def run(quick: bool = False) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", default=None)
     args = parser.parse_args()
-    print(json.dumps(run(quick=args.quick), indent=2))
+    print(json.dumps(run(quick=args.quick, compile=args.compile), indent=2))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,13 @@ def apply_lora(model, config: TrainConfig) -> None:
                                                      target_modules=list(lora.target_modules), bias="none"))
 
 
+def compile_decoder(model, config: TrainConfig) -> None:
+    """``trainer.compile``: torch.compile the LLM's decoder in place, with dynamic shapes (packed rows vary in
+    number and width). Inductor fuses the norms, rotary embedding and activations around the matmuls."""
+    if config.trainer.compile:
+        model.llm.get_decoder().compile(dynamic=True)
+
+
 def build_teacher(config: TrainConfig):
     d = config.distill
     if d.teacher:

@@ -46,6 +46,7 @@ class TrainerConfig:
     zero_stage: int = 0  # 0 | 1 | 2 | 3
     precision: str = "fp32"  # fp32 | bf16
     deepspeed_config: str | None = None  # a user DeepSpeed JSON (replaces the generated one; "auto" values filled)
+    compile: bool = False  # torch.compile the LLM's decoder (dynamic shapes); the first steps pay compilation
     seed: int = 0
 
 
@@ -112,6 +113,9 @@ def validate(config: TrainConfig, need_data: bool = True) -> TrainConfig:
         raise MMError(f"trainer.precision {t.precision!r} is unknown; choose one of: {', '.join(PRECISIONS)}")
     if t.zero_stage not in (0, 1, 2, 3):
         raise MMError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage!r}")
+    if t.compile and t.zero_stage == 3:
+        raise MMError("trainer.compile does not work with trainer.zero_stage=3 (ZeRO-3 gathers parameters in "
+                      "hooks); use zero_stage 0-2 or compile=false")
     if t.optimizer != "adamw":
         raise MMError(f"trainer.optimizer {t.optimizer!r} is unknown; choose one of: adamw")
     if config.distill.kl not in KL_KINDS:

@@ -20,7 +20,7 @@ import yaml
 from mm.config import to_dict
 from mm.errors import MMError
 from mm.train import checkpoints
-from mm.train.build import TrainModule, apply_lora, build_loss, build_student, frozen_models
+from mm.train.build import TrainModule, apply_lora, build_loss, build_student, compile_decoder, frozen_models
 from mm.train.config import TrainConfig, validate
 from mm.train.engine import initialize, init_distributed
 from mm.train.stage import apply_stage, parameter_table, parse_trainable, train_mode_where_trained
@@ -119,6 +119,7 @@ def train(config: TrainConfig, batches: Iterable[dict] | None = None, progress: 
     model = build_student(config)
     apply_lora(model, config)
     groups = apply_stage(model, parse_trainable(config.stage.trainable, t.lr))
+    compile_decoder(model, config)
     loss_fn = build_loss(config, model)
     if rank == 0:
         save_resolved(config, run)
