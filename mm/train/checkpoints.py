@@ -73,29 +73,42 @@ class _Export:
 def export_state(model, zero3: bool) -> dict[str, torch.Tensor] | None:
     """The plain model's full state dict (ZeRO-3 partitions gathered, LoRA merged into the base weights and
     PEFT names removed) on rank 0; None elsewhere. Collective under ZeRO-3: every rank must call it."""
+    state = _gathered_state(model) if zero3 else (model.state_dict() if _rank() == 0 else None)
+    lora = _lora_layers(model)
+    if state is None or not lora:
+        return state
+    for prefix, layer in lora:  # PEFT's delta, from the (gathered) copies: fan_in_fan_out(B @ A) * scaling
+        base = state[f"{prefix}.base_layer.weight"]
+        a, b = state[f"{prefix}.lora_A.default.weight"], state[f"{prefix}.lora_B.default.weight"]
+        delta = (b.float() @ a.float()) * layer.scaling["default"]
+        state[f"{prefix}.base_layer.weight"] = base + (delta.T if layer.fan_in_fan_out else delta).to(base.dtype)
+    out = {}
+    for name, tensor in state.items():
+        if ".lora_" in name:
+            continue
+        name = name.replace("llm.base_model.model.", "llm.", 1).replace(".base_layer.", ".")
+        out[name] = tensor
+    return out
+
+
+def _gathered_state(model) -> dict[str, torch.Tensor] | None:
+    """Under ZeRO-3: the full state dict on rank 0 (None elsewhere), gathering one module's own parameters at a
+    time into CPU copies, so no rank ever holds more than the largest module in full. Tied parameters are
+    gathered once and share one copy (``mm.save`` stores them once). Collective: every rank must call it."""
     import deepspeed
 
-    params = list(model.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
-        if _rank() != 0:
-            return None
-        state = model.state_dict()
-        if zero3:
-            state = {k: v.detach().clone() for k, v in state.items()}
-        lora = _lora_layers(model)
-        if not lora:
-            return state
-        for prefix, layer in lora:
-            base = state[f"{prefix}.base_layer.weight"]
-            delta = layer.get_delta_weight("default").detach()
-            state[f"{prefix}.base_layer.weight"] = base + delta.to(base.dtype)
-        out = {}
-        for name, tensor in state.items():
-            if ".lora_" in name:
-                continue
-            name = name.replace("llm.base_model.model.", "llm.", 1).replace(".base_layer.", ".")
-            out[name] = tensor
-        return out
+    references = model.state_dict(keep_vars=True)  # name -> (partitioned) Parameter or buffer
+    copies: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in copies]
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+            for p in own:
+                copies[id(p)] = p.detach().to("cpu", copy=True) if _rank() == 0 else torch.empty(0)
+    if _rank() != 0:
+        return None
+    return {name: copies.get(id(t), t.detach()) for name, t in references.items()}
 
 
 def _lora_layers(model) -> list[tuple[str, torch.nn.Module]]:
