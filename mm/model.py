@@ -160,13 +160,15 @@ class MultimodalModel(nn.Module):
     # ----- generation -------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_batch(
-        self, conversations: list[Conversation], chat: bool = True, streamer=None, **generation: Any
+        self, conversations: list[Conversation], chat: bool = True, streamer=None, compile: bool = False,
+        **generation: Any,
     ) -> list[str]:
         """Answer each conversation through transformers' ``generate`` (KV cache, sampling, beams, streaming).
 
         ``generation`` takes ``generate``'s keywords (``max_new_tokens``, ``temperature``, ``top_p``,
         ``num_beams``, ``num_return_sequences``...); temperature 0 or absent means greedy. Plain greedy requests
-        take ``mm.fast_generate`` (static KV cache, images encoded once); the rest go through ``generate``.
+        take ``mm.fast_generate`` (static KV cache, images encoded once; ``compile``: torch.compile'd, worth its
+        minute of compilation over many calls); the rest go through ``generate``.
         Returns ``len(conversations) * num_return_sequences`` strings.
         """
         batch = self.collate(conversations, chat=chat)
@@ -181,6 +183,7 @@ class MultimodalModel(nn.Module):
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
                 streamer=streamer,
+                compile=compile,
             )
             return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         embeddings = self.embed(batch["input_ids"], batch.get("pixel_values"))

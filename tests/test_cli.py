@@ -138,3 +138,13 @@ def test_bad_model_directories(tiny_model_dir, picture, tmp_path, mm_main):
 def test_bad_flags(tiny_model_dir, picture, mm_main):
     assert_clean_error(mm_main("caption", "--model", tiny_model_dir, picture, "--max-new-tokens", 0), "at least 1")
     assert_clean_error(mm_main("caption", "--model", tiny_model_dir, picture, "--device", "cuda:0"), "no CUDA")
+
+
+def test_compiled_caption_equals_eager(tiny_model_dir, picture, tmp_path):
+    second = tmp_path / "blue.png"
+    Image.new("RGB", (30, 40), (20, 20, 220)).save(second)
+    eager = run_mm("caption", "--model", tiny_model_dir, picture, second, "--max-new-tokens", 6, "--batch-size", 1)
+    compiled = run_mm("caption", "--model", tiny_model_dir, picture, second, "--max-new-tokens", 6, "--batch-size", 1,
+                      "--compile", timeout=600)
+    assert compiled.returncode == 0, compiled.stderr[-2000:]
+    assert compiled.stdout == eager.stdout and len(eager.stdout.splitlines()) == 2
