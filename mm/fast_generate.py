@@ -136,11 +136,15 @@ def greedy_generate(
     streamer=None,
     compile: bool = False,
     reuse_prefix: bool = True,
+    stopping_criteria=None,
 ) -> torch.Tensor:
     """Greedy continuation of left-padded ``input_ids`` ``[B, T]`` (placeholders expanded). Returns the new
     tokens ``[B, N]`` (N <= max_new_tokens; rows that finished early are filled with ``pad_token_id``),
     as ``llm.generate`` does when given ``inputs_embeds``. ``reuse_prefix``: keep and reuse the key/values of
-    the shared text prefix across calls (see the module docstring)."""
+    the shared text prefix across calls (see the module docstring). ``stopping_criteria``: a transformers
+    ``StoppingCriteriaList`` (or any callable ``(new_tokens [B, n], scores) -> [B] bool``); the call ends when
+    every row is done; as in ``generate``, a done row is filled with ``pad_token_id`` only when ``eos_token_id``
+    is given."""
     llm = model.llm
     batch, length = input_ids.shape
     if attention_mask is None:
@@ -180,14 +184,17 @@ def greedy_generate(
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         position = positions[:, -1:]  # [B, 1]
         for step in range(max_new_tokens):
-            token = torch.where(done, torch.full_like(token, pad), token)
+            if len(eos):  # as generate: finished rows are padded only when an end-of-sequence id is given
+                token = torch.where(done, torch.full_like(token, pad), token)
             out.append(token)
             if streamer is not None:
                 streamer.put(token.cpu())
             if len(eos):
                 done = done | torch.isin(token, eos)
-                if bool(done.all()):
-                    break
+            if stopping_criteria is not None:  # as generate: sees the new tokens so far, returns [B] done
+                done = done | stopping_criteria(torch.stack(out, dim=1), None).to(done.device)
+            if (len(eos) or stopping_criteria is not None) and bool(done.all()):
+                break
             if step == max_new_tokens - 1:
                 break
             position = position + 1
@@ -199,7 +206,8 @@ def greedy_generate(
 
 def greedy_options(generation: dict[str, Any]) -> bool:
     """True when ``generate_batch``'s keywords ask for plain greedy decoding (what ``greedy_generate`` does)."""
-    known = {"max_new_tokens", "temperature", "top_p", "num_beams", "num_return_sequences", "do_sample"}
+    known = {"max_new_tokens", "temperature", "top_p", "num_beams", "num_return_sequences", "do_sample",
+             "stopping_criteria"}
     if set(generation) - known:
         return False
     return (not generation.get("temperature") and generation.get("num_beams", 1) == 1

@@ -184,6 +184,7 @@ class MultimodalModel(nn.Module):
                 pad_token_id=self.tokenizer.pad_token_id,
                 streamer=streamer,
                 compile=compile,
+                stopping_criteria=options.get("stopping_criteria"),
             )
             return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         embeddings = self.embed(batch["input_ids"], batch.get("pixel_values"))

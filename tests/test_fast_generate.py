@@ -139,3 +139,35 @@ def test_compiled_equals_eager_across_prompt_lengths(images):
     assert torch.equal(greedy_generate(*args, max_new_tokens=8, pad_token_id=pad, reuse_prefix=False, compile=True),
                        changed)
     assert not torch.equal(changed, eager)
+
+
+class StopAfter:
+    """A per-row stopping criterion: row r is done once it has ``limits[r]`` new tokens."""
+
+    def __init__(self, limits):
+        self.limits = torch.tensor(limits)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1]) >= self.limits
+
+
+@torch.no_grad()
+def test_per_row_stopping_criteria_equal_generate(tiny_model, images):
+    from transformers import StoppingCriteriaList
+
+    model = tiny_model
+    batch = model.collate(conversations(images))
+    embeddings = model.embed(batch["input_ids"], batch["pixel_values"])
+    pad = model.tokenizer.pad_token_id
+    never = model.tokenizer.convert_tokens_to_ids("<image>")  # an end-of-sequence id greedy never emits here
+    for limits, eos in (([2, 5], never), ([3, 3], never), ([2, 5], None)):
+        criteria = StoppingCriteriaList([StopAfter(limits)])
+        expected = model.llm.generate(inputs_embeds=embeddings, attention_mask=batch["attention_mask"],
+                                      max_new_tokens=8, do_sample=False, pad_token_id=pad, eos_token_id=eos,
+                                      stopping_criteria=criteria)
+        ours = greedy_generate(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                               max_new_tokens=8, pad_token_id=pad, eos_token_id=eos, stopping_criteria=criteria)
+        assert torch.equal(ours, expected)
+        assert ours.shape[1] == max(limits)
+        if limits[0] < limits[1]:  # row 0 ended first: padded after its end only when an eos id is given
+            assert bool((ours[0, limits[0]:] == pad).all()) == (eos is not None)

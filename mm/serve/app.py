@@ -32,6 +32,7 @@ class ServeSettings:
     default_max_tokens: int = 256  # when a request sets no max_tokens
     allow_remote_images: bool = False  # fetch http(s) image URLs
     ui: bool = False  # serve the web demo at /
+    compile: bool = False  # torch.compile greedy decoding, compiled before the server starts
 
     @property
     def max_body_bytes(self) -> int:
@@ -49,7 +50,7 @@ def context_length(model) -> int:
 
 def create_app(model, settings: ServeSettings) -> FastAPI:
     """An app serving ``model``; its engine thread starts now and stops when the app shuts down."""
-    engine = Engine(model, settings.max_batch, settings.max_queue, settings.batch_wait)
+    engine = Engine(model, settings.max_batch, settings.max_queue, settings.batch_wait, settings.compile)
     limit = context_length(model)
 
     @contextlib.asynccontextmanager

@@ -140,8 +140,12 @@ class RowStopper(StoppingCriteria):
 class Engine:
     """Owns the model on one worker thread; ``submit`` jobs from any thread."""
 
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, batch_wait: float = 0.005):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, batch_wait: float = 0.005,
+                 compile: bool = False):
         self.model = model
+        self.compile = compile
+        if compile:
+            self.warm_up()
         self.max_batch = max(1, max_batch)
         self.max_queue = max(1, max_queue)
         self.batch_wait = batch_wait
@@ -154,6 +158,22 @@ class Engine:
         )
         self._thread = threading.Thread(target=self._loop, name="mm-serve-engine", daemon=True)
         self._thread.start()
+
+    def warm_up(self) -> None:
+        """Compile the greedy path before serving: one row, then two rows of another length (the recompilation
+        with dynamic sizes), so no request waits for the compiler."""
+        from PIL import Image
+
+        size = getattr(self.model.encoder, "image_size", 224)
+        image = Image.new("RGB", (size, size), (127, 127, 127))
+
+        def ask(text: str) -> Conversation:
+            return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], [image]
+
+        with torch.no_grad():
+            self.model.generate_batch([ask("hi")], max_new_tokens=2, compile=True)
+            self.model.generate_batch([ask("hello there"), ask("a longer question about it")], max_new_tokens=3,
+                                      compile=True)
 
     # ----- submitting ---------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -243,6 +263,7 @@ class Engine:
                     max_new_tokens=max(job.max_tokens for job in jobs),
                     temperature=jobs[0].temperature,
                     top_p=jobs[0].top_p,
+                    compile=self.compile,
                 )
             except Exception as exc:  # noqa: BLE001 - every request of the batch learns why, the server lives on
                 for job in jobs:
