@@ -170,10 +170,9 @@ class Engine:
         def ask(text: str) -> Conversation:
             return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], [image]
 
-        with torch.no_grad():
-            self.model.generate_batch([ask("hi")], max_new_tokens=2, compile=True)
-            self.model.generate_batch([ask("hello there"), ask("a longer question about it")], max_new_tokens=3,
-                                      compile=True)
+        self.model.generate_batch([ask("hi")], max_new_tokens=2, compile=True)
+        self.model.generate_batch([ask("hello there"), ask("a longer question about it")], max_new_tokens=3,
+                                  compile=True)
 
     # ----- submitting ---------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
