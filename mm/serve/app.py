@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -11,13 +12,19 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from mm.errors import MMError
+from mm.prompt import IMAGE_TOKEN
 from mm.serve.engine import Engine, Job, QueueFull
 from mm.serve.images import load_images
-from mm.serve.protocol import APIError, bad, chunk, completion, completion_id, parse_chat_request, usage
+from mm.serve.protocol import (APIError, RequestRules, bad, chunk, completion, completion_id, parse_chat_request, show,
+                               usage)
+from mm.serve.remote import RemotePolicy
+
+log = logging.getLogger("mm.serve")
 
 
 @dataclass
@@ -29,8 +36,12 @@ class ServeSettings:
     batch_wait: float = 0.005  # seconds the worker waits for more requests before starting a batch
     max_images: int = 4  # per request
     max_image_bytes: int = 20 * 2**20  # per image, encoded
+    max_pixels: int = 64_000_000  # decoded pixels of all of a request's images together
+    max_messages: int = 256  # per request
     default_max_tokens: int = 256  # when a request sets no max_tokens
-    allow_remote_images: bool = False  # fetch http(s) image URLs
+    allow_remote_images: bool = False  # fetch http(s) image URLs (public addresses only)
+    allow_remote_addresses: tuple[str, ...] = ()  # ADDR[:PORT] or networks fetched from even when not public
+    remote_deadline: float = 10.0  # seconds per remote image, redirects included
     ui: bool = False  # serve the web demo at /
     compile: bool = False  # torch.compile greedy decoding, compiled before the server starts
 
@@ -40,7 +51,9 @@ class ServeSettings:
 
 
 def _error(exc: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    if exc.status == 413:  # the body may be unread: close rather than drain it
+        headers["Connection"] = "close"
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
@@ -48,10 +61,41 @@ def context_length(model) -> int:
     return int(getattr(model.llm.config, "max_position_embeddings", 0) or model.tokenizer.model_max_length)
 
 
+def special_tokens(tokenizer) -> tuple[str, ...]:
+    """Strings that tokenise to control tokens (turn markers, ``<image>``): client text may not contain them."""
+    added = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    return tuple(sorted({IMAGE_TOKEN, *tokenizer.all_special_tokens, *added}))
+
+
+def longest_token(tokenizer) -> int:
+    """Characters of the longest vocabulary entry: a text over ``context x this`` characters cannot fit."""
+    return max(len(token) for token in tokenizer.get_vocab())
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) once it passes ``limit`` bytes: by its Content-Length, or while it streams in."""
+    too_large = APIError(413, f"request body over {limit} bytes", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for piece in request.stream():  # chunked bodies declare no length
+        body += piece
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
 def create_app(model, settings: ServeSettings) -> FastAPI:
     """An app serving ``model``; its engine thread starts now and stops when the app shuts down."""
     engine = Engine(model, settings.max_batch, settings.max_queue, settings.batch_wait, settings.compile)
     limit = context_length(model)
+    max_chars = limit * longest_token(model.tokenizer)
+    rules = RequestRules(reserved=special_tokens(model.tokenizer), max_n=min(16, settings.max_batch),
+                         max_messages=settings.max_messages)
+    remote = (RemotePolicy(settings.allow_remote_addresses, settings.remote_deadline)
+              if settings.allow_remote_images else None)
+    keep_side = max(1024, 2 * model.encoder.image_size)  # decoded images wait for the model at most this big
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -71,8 +115,9 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
         return _error(APIError(exc.status_code, str(exc.detail), code=kind))
 
     @app.exception_handler(Exception)
-    async def server_error(request, exc: Exception):
-        return _error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+    async def server_error(request, exc: Exception):  # the detail goes to the log, not to the client
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(APIError(500, "internal server error", type="server_error"))
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -103,28 +148,27 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
-            raise APIError(413, f"request body over {settings.max_body_bytes} bytes", code="request_too_large")
-        raw = await request.body()
-        if len(raw) > settings.max_body_bytes:
-            raise APIError(413, f"request body over {settings.max_body_bytes} bytes", code="request_too_large")
-        req = parse_chat_request(raw)
+        req = parse_chat_request(await read_body(request, settings.max_body_bytes), rules)
         if req.model != settings.model_name:
-            raise APIError(404, f"model {req.model!r} not found; this server serves {settings.model_name!r}",
+            raise APIError(404, f"model {show(req.model)} not found; this server serves {settings.model_name!r}",
                            code="model_not_found", param="model")
         if len(req.image_urls) > settings.max_images:
             raise bad(f"{len(req.image_urls)} images in one request; this server accepts at most "
                       f"{settings.max_images}", code="too_many_images", param="messages")
-        images = await load_images(req.image_urls, settings.allow_remote_images, settings.max_image_bytes)
+        if req.text_chars > max_chars:  # before tokenising: a 95 MB text once took the server down
+            raise bad(f"the messages hold {req.text_chars} characters of text, more than this model's context of "
+                      f"{limit} tokens can take", code="context_length_exceeded", param="messages")
         try:
             prompt_tokens = len((await run_in_threadpool(model.tokenize, req.messages))[0])
         except MMError as exc:
             raise bad(str(exc), param="messages") from None
+        except TemplateError as exc:  # e.g. "roles must alternate user/assistant"
+            raise bad(f"the model's chat template refused these messages: {exc}", param="messages") from None
         max_tokens = req.max_tokens or max(1, min(settings.default_max_tokens, limit - prompt_tokens))
         if prompt_tokens + max_tokens > limit:
             raise bad(f"this model's context is {limit} tokens; the messages take {prompt_tokens} (images included) "
                       f"and max_tokens asks for {max_tokens} more", code="context_length_exceeded", param="messages")
+        images = await load_images(req.image_urls, settings.max_image_bytes, settings.max_pixels, keep_side, remote)
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

@@ -10,6 +10,7 @@ the whole batch stops once every row has ended.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from transformers.generation.streamers import BaseStreamer
 from mm.model import Conversation
 
 Event = tuple  # ("delta", index, text) | ("finish", index, reason, tokens) | ("error", message)
+log = logging.getLogger("mm.serve")
 
 
 class QueueFull(Exception):
@@ -264,9 +266,10 @@ class Engine:
                     top_p=jobs[0].top_p,
                     compile=self.compile,
                 )
-            except Exception as exc:  # noqa: BLE001 - every request of the batch learns why, the server lives on
+            except Exception:  # noqa: BLE001 - the batch's requests learn of it, the log why; the server lives on
+                log.exception("generation failed for a batch of %d requests", len(jobs))
                 for job in jobs:
-                    job.emit(("error", f"generation failed: {type(exc).__name__}: {exc}"))
+                    job.emit(("error", "generation failed (the server log has the details)"))
                 rows.finished = [True] * len(rows.rows)  # the error ends them; no finish events follow
                 with self._cond:
                     self.stats["running"] = 0

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from mm.prompt import IMAGE_TOKEN
@@ -26,6 +28,32 @@ def bad(message: str, code: str = "invalid_value", param: str | None = None) -> 
     return APIError(400, message, code=code, param=param)
 
 
+MIN_TEMPERATURE = 1e-3  # below this, sampling is greedy decoding (and 1e-300 would overflow the logits to NaN)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can carry lone surrogates ("\\ud800"); no tokenizer takes them
+
+
+def show(value: Any, limit: int = 40) -> str:
+    """A short rendering of a client's value for an error message (never echo a megabyte back)."""
+    if isinstance(value, (dict, list)):
+        return "an object" if isinstance(value, dict) else "a list"
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class RequestRules:
+    """What a request may contain, beyond the wire format: set by the server from its model and flags."""
+
+    reserved: tuple[str, ...] = (IMAGE_TOKEN,)  # strings text may not contain: the tokenizer's special tokens
+    max_n: int = 16  # choices per request (the server's --max-batch, at most 16)
+    max_messages: int = 256  # render_chat's cost grows with the square of the number of turns
+
+    @cached_property
+    def reserved_pattern(self) -> re.Pattern:
+        tokens = sorted({token for token in self.reserved if token}, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, tokens)) if tokens else "(?!)")
+
+
 @dataclass
 class ChatRequest:
     """A validated request; ``messages`` use OpenAI content parts, images still unresolved (``image_urls``)."""
@@ -39,6 +67,7 @@ class ChatRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
+    text_chars: int = 0  # characters of text over all messages, to bound the prompt before tokenising it
 
 
 def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
@@ -46,13 +75,20 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}", param=name)
-    if not low <= value <= high:
-        raise bad(f"'{name}' must be between {low} and {high}, got {value}", param=name)
+        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {show(value)}", param=name)
+    if not low <= value <= high:  # NaN fails this too
+        raise bad(f"'{name}' must be between {low} and {high}, got {show(value)}", param=name)
     return value
 
 
-def _content(role: str, content: Any, where: str, image_urls: list[str]) -> list[dict[str, Any]]:
+def _flag(body: dict, name: str, where: str | None = None) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise bad(f"'{where or name}' must be true or false, got {show(value)}", param=where or name)
+    return bool(value)
+
+
+def _content(role: str, content: Any, where: str, image_urls: list[str], reserved: re.Pattern) -> list[dict[str, Any]]:
     """OpenAI content (a string or a list of parts) -> mm content parts; image URLs collected in order."""
     if isinstance(content, str):
         content = [{"type": "text", "text": content}]
@@ -62,10 +98,15 @@ def _content(role: str, content: Any, where: str, image_urls: list[str]) -> list
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            if IMAGE_TOKEN in part["text"]:
-                raise bad(f"{where}.content[{i}]: text may not contain the reserved marker {IMAGE_TOKEN!r}; "
-                          "send images as image_url parts", param=f"{where}.content")
-            parts.append({"type": "text", "text": part["text"]})
+            text = part["text"]
+            if _SURROGATE.search(text):
+                raise bad(f"{where}.content[{i}]: text is not valid Unicode (a lone surrogate)",
+                          param=f"{where}.content")
+            if found := reserved.search(text):  # a special token typed in text would forge turns or images
+                raise bad(f"{where}.content[{i}]: text may not contain the model's special token {found.group()!r}"
+                          + ("; send images as image_url parts" if found.group() == IMAGE_TOKEN else ""),
+                          param=f"{where}.content")
+            parts.append({"type": "text", "text": text})
         elif kind == "image_url":
             if role != "user":
                 raise bad(f"{where}: only user messages may carry images", param=f"{where}.content")
@@ -81,10 +122,12 @@ def _content(role: str, content: Any, where: str, image_urls: list[str]) -> list
     return parts
 
 
-def parse_chat_request(raw: bytes) -> ChatRequest:
+def parse_chat_request(raw: bytes, rules: RequestRules = RequestRules()) -> ChatRequest:
     """Validate a ``POST /v1/chat/completions`` body; raises APIError(400) naming the bad field."""
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise bad("the request body is nested too deeply", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -95,30 +138,38 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", code="missing_required_parameter", param="messages")
-    converted, image_urls = [], []
+    if len(messages) > rules.max_messages:
+        raise bad(f"{len(messages)} messages in one request; this server accepts at most {rules.max_messages}",
+                  param="messages")
+    converted, image_urls, reserved = [], [], rules.reserved_pattern
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise bad(f"{where} must be an object", param=where)
-        role = {"developer": "system"}.get(message.get("role"), message.get("role"))
+        role = message.get("role")
+        role = "system" if role == "developer" else role
         if role not in ("system", "user", "assistant"):
-            raise bad(f"{where}.role must be system, developer, user or assistant, got {message.get('role')!r}",
+            raise bad(f"{where}.role must be system, developer, user or assistant, got {show(message.get('role'))}",
                       param=f"{where}.role")
-        converted.append({"role": role, "content": _content(role, message.get("content"), where, image_urls)})
+        converted.append({"role": role, "content": _content(role, message.get("content"), where, image_urls, reserved)})
     if converted[-1]["role"] == "assistant":
         raise bad("the last message must not be an assistant message", param="messages")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad(f"'stream_options' must be an object, got {show(options)}", param="stream_options")
+    temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
     return ChatRequest(
         model=model,
         messages=converted,
         image_urls=image_urls,
         max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", None, 1, 1 << 30, integer=True),
-        temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+        temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
         top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0)) or 1.0,
-        n=_number(body, "n", 1, 1, 16, integer=True),
-        stream=bool(body.get("stream", False)),
-        include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+        n=_number(body, "n", 1, 1, rules.max_n, integer=True),
+        stream=_flag(body, "stream"),
+        include_usage=_flag(options or {}, "include_usage", "stream_options.include_usage"),
+        text_chars=sum(len(part["text"]) for m in converted for part in m["content"] if part["type"] == "text"),
     )
 
 

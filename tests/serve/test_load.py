@@ -94,7 +94,8 @@ def image_site(tmp_path):
 
 
 def test_remote_images_when_allowed(tiny_model_dir, image_site):
-    with serving(tiny_model_dir, allow_remote_images=True) as url:
+    with serving(tiny_model_dir, allow_remote_images=True,
+                 allow_remote_addresses=(image_site.removeprefix("http://"),)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
         answer = client.chat.completions.create(
             model=MODEL, messages=[image_message("what?", image_site + "/red.png")], max_tokens=3)
