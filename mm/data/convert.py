@@ -1,6 +1,9 @@
 """Converters from common formats to shards: LLaVA JSON (chat), caption tables (interleaved one-image docs),
 preference JSON lines. (mOSCAR lives in mm/data/moscar.py.) Each returns a stats dict; entries that cannot be
-converted are dropped and counted by reason, never written half."""
+converted are dropped and counted by reason, never written half.
+
+Image paths in the inputs come from strangers: they are read only from under the image root (no absolute paths,
+no ``..`` or symlink that leads out) and only when the bytes decode as an image (docs/security.md)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +14,7 @@ from typing import Any, Iterable, Iterator
 from mm.data.download import FetchError, Fetcher
 from mm.data.shards import ShardWriter
 from mm.errors import MMError
+from mm.images import open_image
 from mm.prompt import IMAGE_TOKEN
 
 Doc = tuple[str, dict[str, Any], list[bytes]]  # key, document JSON, image bytes in order
@@ -59,9 +63,32 @@ def _read_json_records(path: Path) -> list[dict[str, Any]]:
             raise MMError(f"{path} is neither JSON nor JSON lines: {exc}") from None
 
 
-def _read_local(root: Path, name: str) -> bytes | None:
-    path = root / name
-    return path.read_bytes() if path.is_file() else None
+def read_image_under(root: Path, name) -> bytes | str:
+    """The bytes of image ``name`` (a relative path) under ``root``, or the reason it is refused:
+    ``malformed_entry`` (not a path), ``absolute_image_path``, ``image_outside_root`` (``..`` or a symlink that
+    leads out of ``root``), ``missing_image`` or ``undecodable_image`` (the bytes are not an image)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return "malformed_entry"
+    if Path(name).is_absolute():
+        return "absolute_image_path"
+    try:
+        base = Path(root).resolve()
+        path = (base / name).resolve()  # follows every symlink on the way
+    except (OSError, RuntimeError):  # a symlink loop
+        return "missing_image"
+    if not path.is_relative_to(base):
+        return "image_outside_root"
+    try:
+        if not path.is_file():  # absent, a directory, a FIFO or device that would block or never end
+            return "missing_image"
+        data = path.read_bytes()
+    except OSError:  # unreadable
+        return "missing_image"
+    try:
+        open_image(data, name)
+    except MMError:
+        return "undecodable_image"
+    return data
 
 
 def _attach_images(content: list[dict[str, Any]], markers: int, names: list[str], image_root: Path):
@@ -71,10 +98,21 @@ def _attach_images(content: list[dict[str, Any]], markers: int, names: list[str]
         content[:0] = [{"type": "image", "image": ""} for _ in names]
     elif markers != len(names):
         return None, "image_count_mismatch"
-    images = [_read_local(image_root, name) for name in names]
-    if any(image is None for image in images):
-        return None, "missing_image"
+    images = []
+    for name in names:
+        data = read_image_under(image_root, name)
+        if isinstance(data, str):
+            return None, data
+        images.append(data)
     return images, None
+
+
+def _image_names(record: dict[str, Any]) -> list | None:
+    """The record's ``image`` field as a list (one name or a list of names); None when it is neither."""
+    names = record.get("image") or []
+    if isinstance(names, str):
+        return [names]
+    return list(names) if isinstance(names, list) else None
 
 
 # ----- LLaVA --------------------------------------------------------------------------------------------------
@@ -83,12 +121,13 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 def llava_docs(records: list[dict[str, Any]], image_root: Path, lang: str = "en") -> Iterator[Doc | str]:
     for n, record in enumerate(records):
-        names = record.get("image") or []
-        names = [names] if isinstance(names, str) else list(names)
+        names = _image_names(record) if isinstance(record, dict) else None
         try:
             messages = [{"role": ROLES[turn["from"]], "content": split_markers(turn["value"])}
                         for turn in record["conversations"]]
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, AttributeError):
+            names = None
+        if names is None:
             yield "malformed_entry"
             continue
         markers = sum(p["type"] == "image" for m in messages for p in m["content"])
@@ -157,9 +196,9 @@ def caption_docs(table, image_root: Path, fetcher: Fetcher | None, image_col: st
                     yield f"download_{data.reason}"
                     continue
             else:
-                data = _read_local(image_root, str(source))
-                if data is None:
-                    yield "missing_image"
+                data = read_image_under(image_root, str(source))
+                if isinstance(data, str):
+                    yield data
                     continue
             doc = {"kind": "interleaved", "lang": lang, "source": {"image": str(source)},
                    "content": [{"type": "image", "image": ""}, {"type": "text", "text": text}]}
@@ -178,11 +217,10 @@ def preference_docs(records: list[dict[str, Any]], image_root: Path, lang: str =
         except (KeyError, TypeError):
             yield "malformed_entry"
             continue
-        if not all(isinstance(x, str) for x in (question, chosen, rejected)):
+        names = _image_names(record)
+        if names is None or not all(isinstance(x, str) for x in (question, chosen, rejected)):
             yield "malformed_entry"
             continue
-        names = record.get("image") or []
-        names = [names] if isinstance(names, str) else list(names)
         content = split_markers(question)
         markers = sum(p["type"] == "image" for p in content)
         images, problem = _attach_images(content, markers, names, image_root)
@@ -192,6 +230,10 @@ def preference_docs(records: list[dict[str, Any]], image_root: Path, lang: str =
         doc = {"kind": "preference", "lang": lang, "source": {"id": record.get("id"), "images": names},
                "messages": [{"role": "user", "content": content}], "chosen": chosen, "rejected": rejected}
         if isinstance(record.get("ref_logp"), dict):
-            doc["ref_logp"] = {"chosen": float(record["ref_logp"]["chosen"]),
-                               "rejected": float(record["ref_logp"]["rejected"])}
+            try:
+                doc["ref_logp"] = {"chosen": float(record["ref_logp"]["chosen"]),
+                                   "rejected": float(record["ref_logp"]["rejected"])}
+            except (KeyError, TypeError, ValueError):
+                yield "malformed_entry"
+                continue
         yield f"pref{n:08d}_{record.get('id', '')}", doc, images
