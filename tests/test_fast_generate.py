@@ -1,7 +1,7 @@
 """Fast greedy decoding equals transformers' greedy generate token for token (left padding, EOS, images)."""
 import torch
 
-from mm.fast_generate import greedy_generate, greedy_options
+from mm.fast_generate import decoder, greedy_generate, greedy_options
 
 
 def conversations(images):
@@ -85,12 +85,12 @@ def test_prefix_reuse_equals_generate(tiny_model, images):
     run = lambda batch: greedy_generate(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                         max_new_tokens=12, pad_token_id=model.tokenizer.pad_token_id)
     assert torch.equal(run(first), reference(model, first))  # miss: computes and keeps the prefix
-    entry = model.llm.__dict__["_mm_prefix_kv"]
+    entry = decoder(model).prefix
     assert entry.ids == first["input_ids"][0, :image_at].tolist()
     assert torch.equal(run(first), reference(model, first))  # hit: same prompt
     other = model.collate(single("what colour is it", images[1]))  # same prefix, other image and text
     assert torch.equal(run(other), reference(model, other))
-    assert model.llm.__dict__["_mm_prefix_kv"] is entry  # reused, not recomputed
+    assert decoder(model).prefix is entry  # reused, not recomputed
     without = greedy_generate(model, other["input_ids"], other["attention_mask"], other["pixel_values"],
                               max_new_tokens=12, pad_token_id=model.tokenizer.pad_token_id, reuse_prefix=False)
     assert torch.equal(without, run(other))
@@ -98,7 +98,7 @@ def test_prefix_reuse_equals_generate(tiny_model, images):
     layer = model.llm.model.layers[0].self_attn.k_proj.weight  # weights change in place: the entry is stale
     layer.add_(torch.randn_like(layer))
     assert torch.equal(run(first), reference(model, first))
-    assert model.llm.__dict__["_mm_prefix_kv"] is not entry
+    assert decoder(model).prefix is not entry
 
 
 @torch.no_grad()
@@ -139,6 +139,30 @@ def test_compiled_equals_eager_across_prompt_lengths(images):
     assert torch.equal(greedy_generate(*args, max_new_tokens=8, pad_token_id=pad, reuse_prefix=False, compile=True),
                        changed)
     assert not torch.equal(changed, eager)
+
+
+@torch.no_grad()
+def test_decoding_state_is_owned_not_planted(images):
+    """Runners and the prefix entry live outside the model: no new attribute on the model or its LLM, nothing in
+    its state_dict, a deep copy starts with no state, and the state does not keep the model alive."""
+    import copy
+    import gc
+    import weakref
+
+    import mm
+
+    torch.manual_seed(0)
+    model = mm.build(mm.ModelConfig(encoder="tiny-vit", adapter="mlp", llm="tiny-llama"))
+    before = (set(model.__dict__), set(model.llm.__dict__), set(model.state_dict()))
+    batch = model.collate(conversations(images)[:1])
+    greedy_generate(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens=4)
+    assert decoder(model).prefix is not None and decoder(model).runners  # guard: there is state to keep
+    assert (set(model.__dict__), set(model.llm.__dict__), set(model.state_dict())) == before
+    assert decoder(copy.deepcopy(model)).prefix is None
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
 
 
 class StopAfter:
