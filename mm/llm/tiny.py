@@ -1,6 +1,7 @@
 """Random-init tiny causal LMs with a small real BPE tokenizer, registered like real LLMs for tests.
 
-``tiny-llama``, ``tiny-qwen2``, ``tiny-mistral`` and ``tiny-gpt2`` share one byte-level BPE tokenizer trained
+``tiny-llama``, ``tiny-qwen2``, ``tiny-mistral``, ``tiny-phi3`` (fused qkv projection), ``tiny-gpt2`` and
+``tiny-opt`` (FFN as fc1/fc2 on the decoder layer, learned positions) share one byte-level BPE tokenizer trained
 here on a fixed corpus, so every test uses real tokenisation and a real ChatML chat template.
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    OPTConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
@@ -57,11 +60,15 @@ def _tiny_config(family: str, vocab: int):
     common = dict(vocab_size=vocab, pad_token_id=0, eos_token_id=2, bos_token_id=None, tie_word_embeddings=False)
     if family == "gpt2":
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=2048, **common)
+    if family == "opt":
+        return OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                         word_embed_proj_dim=64, max_position_embeddings=2048, **common)
     sizes = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=2048,
     )
-    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family](**sizes, **common)
+    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "phi3": Phi3Config}
+    return configs[family](**sizes, **common)
 
 
 def build_tiny(family: str):
@@ -78,5 +85,5 @@ def build_tiny(family: str):
     return model, tokenizer
 
 
-for _family in ("llama", "qwen2", "mistral", "gpt2"):
-    LLMS.register(f"tiny-{_family}")(functools.partial(lambda arg, config, family: build_tiny(family), family=_family))
+for _family in ("llama", "qwen2", "mistral", "phi3", "gpt2", "opt"):
+    LLMS.register(f"tiny-{_family}")(functools.partial(lambda arg, options, family: build_tiny(family), family=_family))

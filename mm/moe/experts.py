@@ -1,16 +1,29 @@
-"""``ModalityExperts``: owns every expert parameter and the routing state that the routed layers read.
+"""``ModalityExperts``: owns every expert parameter and the routing state that the routed forwards read.
 
 Parameter names (what stage globs select): ``moe.ffn_experts.<layer>.*`` (modality router: one visual FFN
-per layer; top-k router: ``moe.ffn_experts.<layer>.<expert>.*``), ``moe.attn_experts.<layer>.<proj>.*``
-and ``moe.router.<layer>.weight``.
+per layer, a copy of the layer's FFN module, or for a layout whose FFN is several modules, e.g. OPT,
+``moe.ffn_experts.<layer>.<module>.*``; top-k router: ``moe.ffn_experts.<layer>.<expert>.*``),
+``moe.attn_experts.<layer>.<proj>.*`` and ``moe.router.<layer>.weight``.
 
-Routing state: ``route(image_mask)`` is a context manager set around one forward or one ``generate`` call.
-Inside it the *first* pass of the LLM (a plain forward, or generate's prefill) sends image positions to the
-visual experts; the LLM's later passes in the same context are decoding steps: with the KV cache they hold
-only generated (text) tokens, which take the text path; without it they re-run the prompt (routed by the mask)
-plus generated text. Passes are counted by a forward pre-hook on the LLM, so a one-token prompt is no special
-case. Gradient-checkpointing recomputation, which runs during
-``backward`` after the context has closed, reuses the mask of the last routed forward.
+Routing state, in two steps, with no pass counting:
+
+1. The call. ``route(image_mask)`` is a context manager that ``MultimodalModel`` opens around exactly one
+   forward or ``generate`` call. It holds the call's image mask ``[B, T]`` (over the call's whole input
+   sequence) and restores the previous state on exit.
+2. The pass. A forward pre-hook on the LLM's decoder (``begin_pass``) runs at the start of every decoder pass
+   and fixes that pass's routing from three facts of the pass itself: its input shape ``[B', L]`` and the
+   length ``P`` of its KV cache before it. The pass holds positions ``P .. P+L-1`` of the sequence: image
+   tokens where the call's mask says so, text beyond ``T`` (generated tokens). That one rule covers prefill
+   (``P = 0, L = T``), cached decoding (``P >= T``: all text, also for a one-token prompt), decoding without a
+   cache (``P = 0, L > T``: the mask padded with text), a cache prefilled with part of the prompt (``P > 0``)
+   and beams / several return sequences (``B' = k * B``: each row's mask repeated ``k`` times). A pass outside
+   a call is plain text: ``model.llm(...)`` called directly runs the plain LLM.
+
+Gradient checkpointing recomputes layers inside ``backward``, after the call has closed and without a new
+decoder pass, so the routed forwards reuse the routing of the last pass: the forward being differentiated.
+That holds when each backward follows its own forward (the training loop). With checkpointing on, do not run
+another forward of the same LLM between a forward and its backward: that pass would re-route the
+recomputation (tests/moe/test_training.py shows both).
 """
 from __future__ import annotations
 
@@ -25,6 +38,24 @@ from mm.errors import MMError
 from mm.moe.routed import balance_loss
 
 
+class _Pass:
+    """The routing of one decoder pass: ``image`` ``[B', L]`` bool over its rows; split indices on first use."""
+
+    def __init__(self, image: torch.Tensor):
+        self.image = image
+        self._split: dict[torch.device, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if x.shape[:-1].numel() != self.image.numel():
+            raise MMError(f"modality mask of this pass {tuple(self.image.shape)} does not fit hidden states of "
+                          f"shape {tuple(x.shape)}")
+        if x.device not in self._split:  # one host sync per pass and device, not per layer
+            flat = self.image.to(x.device).flatten()  # [B' * L], the order of x.reshape(-1, D)
+            self._split[x.device] = ((flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1))
+                                     if bool(flat.any()) else None)
+        return self._split[x.device]
+
+
 class ModalityExperts(nn.Module):
     def __init__(self, config: MoEConfig):
         super().__init__()
@@ -32,85 +63,70 @@ class ModalityExperts(nn.Module):
         self.ffn_experts = nn.ModuleDict()  # "<layer>" -> FFN copy (modality) or ModuleList of N copies (topk)
         self.attn_experts = nn.ModuleDict()  # "<layer>" -> ModuleDict of projection copies
         self.router = nn.ModuleDict()  # "<layer>" -> Linear(D, N, bias=False), topk only
-        self._mask: torch.Tensor | None = None  # [B, T] bool, set by route()
-        self._last_mask: torch.Tensor | None = None  # for checkpoint recomputation during backward
-        self._passes = 0  # LLM forward passes inside the current route() context
-        self._split_cache: tuple | None = None
+        self._mask: torch.Tensor | None = None  # [B, T] bool: the current call's image positions
+        self._pass: _Pass | None = None  # the routing of the decoder's current (or last) pass
         self._balance: list[torch.Tensor] = []
 
     # ----- routing state ----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def route(self, image_mask: torch.Tensor | None):
-        """Within this context the LLM's first pass routes positions where ``image_mask`` ``[B, T]`` is True
-        to the visual experts. Also starts a fresh collection of load-balancing terms."""
-        saved = (self._mask, self._passes, self._split_cache)
-        mask = None if image_mask is None else image_mask.bool()
-        self._mask, self._passes, self._split_cache, self._balance = mask, 0, None, []
-        self._last_mask = mask
+        """For one call (forward / generate) of the LLM: positions where ``image_mask`` ``[B, T]`` is True are
+        image tokens and go to the visual experts."""
+        saved = self._mask
+        self._mask = None if image_mask is None else image_mask.bool()
         try:
             yield self
         finally:
-            self._mask, self._passes, self._split_cache = saved
+            self._mask = saved
 
-    def start_pass(self, module: nn.Module, args) -> None:
-        """Forward pre-hook on the LLM: count its passes inside the current context."""
-        if self._mask is not None:
-            self._passes += 1
-            self._split_cache = None
+    def begin_pass(self, decoder: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook (with kwargs) on the LLM's decoder: fix the routing of the pass that starts now, and
+        start a fresh collection of load-balancing terms."""
+        self._balance = []
+        self._pass = None if self._mask is None else self._routing(args, kwargs)
 
-    def image_mask_for(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """The ``[B, L]`` image mask that applies to ``hidden`` ``[B, L, D]`` now, or None (all text).
-
-        First pass: ``L`` must equal the mask's length ``T``. Later passes of the same ``generate``: with the KV
-        cache they cover only new (generated, text) tokens, ``L <= T`` -> None; without the cache they re-run
-        the whole sequence, ``L > T`` -> the mask padded with text for the generated positions.
-        """
-        mask = self._mask
-        if mask is None:
-            if self._last_mask is None or torch._C._current_graph_task_id() == -1:
-                return None
-            mask = self._last_mask  # recomputation of a checkpointed layer inside backward
-        elif self._passes > 1:
-            if hidden.shape[1] <= mask.shape[1]:
-                return None  # cached decoding: generated tokens are text
-            mask = F.pad(mask, (0, hidden.shape[1] - mask.shape[1]), value=False)
-        batch, length = hidden.shape[:2]
-        if mask.shape[1] != length or batch % mask.shape[0]:
-            raise MMError(f"modality mask of shape {tuple(mask.shape)} does not fit hidden states of shape "
-                          f"{tuple(hidden.shape[:2])}")
+    def _routing(self, args: tuple, kwargs: dict) -> _Pass | None:
+        inputs = kwargs.get("inputs_embeds")
+        if inputs is None:
+            inputs = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(inputs, torch.Tensor):
+            raise MMError("modality experts: the decoder was called without input_ids or inputs_embeds")
+        batch, length = inputs.shape[:2]
+        mask = self._mask  # [B, T]
+        if batch % mask.shape[0]:
+            raise MMError(f"modality mask of shape {tuple(mask.shape)} does not fit a decoder pass over "
+                          f"{batch} rows of {length} tokens")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        start = 0 if cache is None else int(cache.get_seq_length())  # positions already in the KV cache
+        if start >= mask.shape[1]:
+            return None  # cached decoding: only generated tokens, which are text
+        window = mask[:, start:start + length]  # [B, <=L] this pass's positions; past T: generated text
+        window = F.pad(window, (0, length - window.shape[1]), value=False)  # [B, L]
         if batch != mask.shape[0]:  # generate expanded the batch for beams / several return sequences
-            mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
-        return mask
+            window = window.repeat_interleave(batch // mask.shape[0], dim=0)  # [B', L]
+        return _Pass(window)
 
-    def split(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(image rows, text rows)`` flat indices into ``hidden.reshape(-1, D)``, or None when no row is an
-        image token. Computed once per pass and shape (one host sync per forward, not per layer)."""
-        mask = self.image_mask_for(hidden)
-        if mask is None:
-            return None
-        key = (tuple(hidden.shape[:2]), hidden.device)
-        if self._split_cache is None or self._split_cache[0] != key:
-            flat = mask.to(hidden.device).flatten()
-            split = None
-            if bool(flat.any()):
-                split = (flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1))
-            self._split_cache = (key, split)
-        return self._split_cache[1]
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(image rows, text rows)``: flat indices into ``x.reshape(-1, D)`` (``x`` ``[B', L, D]`` or
+        ``[B' * L, D]``: the current pass's tokens), or None when no row is an image token."""
+        return None if self._pass is None else self._pass.split(x)
 
     # ----- auxiliary loss ---------------------------------------------------------------------------------
     def record_balance(self, probs: torch.Tensor, top_i: torch.Tensor) -> None:
         self._balance.append(balance_loss(probs, top_i))
 
     def balance_loss(self) -> torch.Tensor:
-        """Mean over routed layers of ``N * sum_i f_i * P_i`` from the last routed forward (1 = uniform);
+        """Mean over routed layers of ``N * sum_i f_i * P_i`` from the last decoder pass (1 = uniform);
         0 without a top-k router."""
         if not self._balance:
             return torch.zeros((), device=self._device())
         return torch.stack(self._balance).mean()
 
-    def aux_loss(self) -> torch.Tensor:
-        """What the trainer adds to its loss: ``config.aux_loss_coef * balance_loss()`` (0 for modality routing)."""
-        return self.config.aux_loss_coef * self.balance_loss()
+    def aux_loss(self) -> torch.Tensor | None:
+        """What the trainer adds to its loss: the router's ``aux_loss_coef * balance_loss()``; None for a router
+        without a balance loss (modality routing)."""
+        coef = getattr(self.config.router.options, "aux_loss_coef", None)
+        return None if coef is None else coef * self.balance_loss()
 
     def _device(self) -> torch.device:
         for parameter in self.parameters():
@@ -119,4 +135,4 @@ class ModalityExperts(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"router={c.router}, layers={c.layers}, ffn_experts={c.ffn_experts}, attn_experts={c.attn_experts}"
+        return f"router={c.router.name}, layers={c.layers}, ffn_experts={c.ffn_experts}, attn_experts={c.attn_experts}"

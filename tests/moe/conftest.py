@@ -7,12 +7,13 @@ from PIL import Image
 
 import mm
 
-FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
+# One tiny LLM per declared layout (mm/moe/layouts.py; test_layouts checks none is missing).
+FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-phi3", "tiny-gpt2", "tiny-opt"]
 
 
 def build(llm: str = "tiny-llama", moe: mm.MoEConfig | None = None, seed: int = 0, **config) -> mm.MultimodalModel:
     """Same seed -> same encoder/adapter/LLM weights, with or without experts."""
-    options = dict(encoder="patch:32", adapter="pixel-shuffle", image_size=56)
+    options = dict(encoder={"name": "patch:32", "image_size": 56}, adapter="pixel-shuffle")
     options.update(config)
     torch.manual_seed(seed)
     return mm.build(mm.ModelConfig(llm=llm, moe=moe, **options))

@@ -1,13 +1,15 @@
-"""Contracts of the modality experts: exact reproduction at init, routing only image tokens, naming."""
+"""Contracts of the modality experts: exact reproduction at init, routing only image tokens, full coverage of
+every declared layout, naming."""
 from __future__ import annotations
 
+import copy
 import fnmatch
 
 import pytest
 import torch
 
 import mm
-from mm.errors import MMError
+from mm.moe import LAYOUTS, ModalityForward, TopKForward, decoder_layers, layout_for
 from tests.moe.conftest import FAMILIES, build, mixed_batch, perturb
 
 KINDS = {"ffn": dict(ffn_experts=True), "attn": dict(ffn_experts=False, attn_experts=True),
@@ -19,7 +21,12 @@ def logits(model, batch):
         return model(**batch).logits
 
 
-@pytest.mark.parametrize("llm", FAMILIES + ["tiny-gpt2"])
+def test_every_declared_layout_has_a_tiny_llm_here():
+    """A layout declared in mm/moe/layouts.py is tested the day it is declared."""
+    assert {build(llm).llm.config.model_type for llm in FAMILIES} == set(LAYOUTS)
+
+
+@pytest.mark.parametrize("llm", FAMILIES)
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_copied_experts_reproduce_the_plain_llm_exactly(llm, kind):
     plain = build(llm)
@@ -35,9 +42,22 @@ def test_copied_experts_reproduce_the_plain_llm_exactly(llm, kind):
     assert torch.equal(logits(plain, batch), logits(model, batch))
 
 
-def test_routed_modules_are_actually_in_the_forward_path():
+@pytest.mark.parametrize("llm", FAMILIES)
+def test_every_declared_module_of_every_layer_is_routed(llm):
+    """Full coverage: each FFN module and each attention projection the layout declares has its expert."""
+    model = build(llm, mm.MoEConfig(ffn_experts=True, attn_experts=True))
+    layout = layout_for(model.llm)
+    for i, layer in enumerate(decoder_layers(model.llm)):
+        attention = getattr(layer, layout.attention)
+        modules = [getattr(layer, n) for n in layout.ffn] + [getattr(attention, n) for n in layout.projections]
+        assert all(isinstance(m.__dict__.get("forward"), ModalityForward) for m in modules), (llm, i)
+        assert sorted(model.moe.attn_experts[str(i)]) == sorted(layout.projections)
+
+
+@pytest.mark.parametrize("llm", FAMILIES)
+def test_routed_modules_are_actually_in_the_forward_path(llm):
     """Guard for the equality test above: perturbed experts must change the output."""
-    model = build(moe=mm.MoEConfig(ffn_experts=True, attn_experts=True))
+    model = build(llm, moe=mm.MoEConfig(ffn_experts=True, attn_experts=True))
     batch = mixed_batch(model)
     before = logits(model, batch)
     perturb(model.moe.attn_experts)
@@ -73,10 +93,11 @@ def _positions(batch, model):
     return is_image, valid, before & valid
 
 
-def test_last_layer_ffn_expert_changes_only_image_positions():
+@pytest.mark.parametrize("llm", FAMILIES)
+def test_last_layer_ffn_expert_changes_only_image_positions(llm):
     """Invariant: with the FFN expert on the LAST layer only, nothing after it mixes positions, so perturbing
     it changes the logits of exactly the image positions and of no text position."""
-    model = build(moe=mm.MoEConfig(layers=[-1]))
+    model = build(llm, moe=mm.MoEConfig(layers=[-1]))
     assert list(model.moe.ffn_experts) == ["1"]
     batch = mixed_batch(model)
     before = logits(model, batch)
@@ -86,11 +107,12 @@ def test_last_layer_ffn_expert_changes_only_image_positions():
     assert torch.equal(changed & valid, is_image)
 
 
+@pytest.mark.parametrize("llm", FAMILIES)
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_all_layer_experts_leave_positions_before_the_first_image_unchanged(kind):
+def test_all_layer_experts_leave_positions_before_the_first_image_unchanged(llm, kind):
     """Invariant with experts on every layer: causal attention lets later text see the changed image states,
     but every position before the first image of its row is bit-identical; image positions all change."""
-    model = build(moe=mm.MoEConfig(**KINDS[kind]))
+    model = build(llm, moe=mm.MoEConfig(**KINDS[kind]))
     batch = mixed_batch(model)
     before = logits(model, batch)
     perturb(model.moe)
@@ -101,11 +123,26 @@ def test_all_layer_experts_leave_positions_before_the_first_image_unchanged(kind
     assert changed[is_image].all()
 
 
+def test_calling_the_llm_outside_a_routed_call_runs_the_plain_llm():
+    plain = build()
+    model = build(moe=mm.MoEConfig(ffn_experts=True, attn_experts=True))
+    perturb(model.moe, scale=2.0)
+    batch = mixed_batch(model)
+    embeddings = model.embed(batch["input_ids"], batch["pixel_values"])
+    with torch.no_grad():
+        model(**batch)  # a routed call first: its routing must not leak into the next plain call
+        direct = model.llm(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).logits
+        expected = plain.llm(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(direct, expected)
+
+
 def test_expert_parameters_are_owned_once_under_moe_names():
     model = build(moe=mm.MoEConfig(ffn_experts=True, attn_experts=True))
     names = [n for n, _ in model.named_parameters()]
     state = model.state_dict()
     assert len(state) == len(set(state)) == len(names)
+    assert "llm.model.layers.1.mlp.gate_proj.weight" in state and "moe.ffn_experts.1.gate_proj.weight" in state
+    assert "moe.attn_experts.0.q_proj.weight" in state
     expert_ids = {id(p) for p in model.moe.parameters()}
     assert not any(id(p) in expert_ids for p in model.llm.parameters())
     assert fnmatch.filter(names, "moe.ffn_experts.*") and fnmatch.filter(names, "moe.attn_experts.*")
@@ -115,14 +152,25 @@ def test_expert_parameters_are_owned_once_under_moe_names():
     assert not any(p.data_ptr() in llm_ptrs for p in model.moe.parameters())
 
 
-def test_config_errors_are_clear():
-    with pytest.raises(MMError, match="out of range"):
-        build(moe=mm.MoEConfig(layers=[5]))
-    with pytest.raises(MMError, match="twice"):
-        build(moe=mm.MoEConfig(layers=[1, -1]))
-    with pytest.raises(MMError, match="router"):
-        build(moe=mm.MoEConfig(router="hash"))
-    with pytest.raises(MMError, match="top_k"):
-        build(moe=mm.MoEConfig(router="topk", num_experts=2, top_k=3))
-    with pytest.raises(MMError, match="ffn_experts"):
-        build(moe=mm.MoEConfig(ffn_experts=False, attn_experts=False))
+@pytest.mark.parametrize("moe", [mm.MoEConfig(ffn_experts=True, attn_experts=True), mm.MoEConfig(router={"name": "topk"})],
+                         ids=["modality", "topk"])
+def test_the_llm_module_tree_is_untouched_and_shares_no_dicts(moe):
+    plain = build()
+    model = build(moe=moe)
+    assert [(n, type(m)) for n, m in model.llm.named_modules()] == [(n, type(m)) for n, m in plain.llm.named_modules()]
+    modules = list(model.modules())
+    for attr in ("_parameters", "_buffers", "_modules"):
+        assert len({id(getattr(m, attr)) for m in modules}) == len(modules), attr
+    routed = [m for m in model.llm.modules() if isinstance(m.__dict__.get("forward"), (ModalityForward, TopKForward))]
+    assert routed
+
+
+def test_a_deep_copy_routes_through_its_own_experts():
+    model = build(moe=mm.MoEConfig(ffn_experts=True, attn_experts=True))
+    batch = mixed_batch(model)
+    before = logits(model, batch)
+    twin = copy.deepcopy(model)
+    assert torch.equal(logits(twin, batch), before)
+    perturb(twin.moe)
+    assert not torch.equal(logits(twin, batch), before)
+    assert torch.equal(logits(model, batch), before)  # the original's experts and routing are its own

@@ -12,7 +12,7 @@ from tests.moe.conftest import build, mixed_batch, perturb
 
 
 @pytest.mark.parametrize("moe", [mm.MoEConfig(ffn_experts=True, attn_experts=True, layers=[0]),
-                                 mm.MoEConfig(router="topk", num_experts=3, top_k=1)], ids=["modality", "topk"])
+                                 mm.MoEConfig(router={"name": "topk", "num_experts": 3, "top_k": 1})], ids=["modality", "topk"])
 def test_save_load_gives_identical_logits(moe, tmp_path):
     model = build(moe=moe)
     perturb(model.moe, scale=1.0)  # trained-looking experts that differ from the LLM's modules
@@ -39,3 +39,22 @@ def test_plain_llm_checkpoint_keeps_standard_names():
     plain = build()
     model = build(moe=mm.MoEConfig(ffn_experts=True, attn_experts=True))
     assert list(model.llm.state_dict()) == list(plain.llm.state_dict())
+
+
+@pytest.mark.parametrize("llm", ["tiny-llama", "tiny-opt"])
+def test_llm_save_pretrained_writes_the_plain_llm(llm, tmp_path):
+    """``llm.save_pretrained`` of a model with experts writes exactly the plain LLM: same names and tensors,
+    and a transformers reload computes what the LLM computes outside a routed call."""
+    from transformers import AutoModelForCausalLM
+
+    plain = build(llm)
+    model = build(llm, moe=mm.MoEConfig(ffn_experts=True, attn_experts=True))
+    perturb(model.moe, scale=1.0)
+    model.llm.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert list(reloaded.state_dict()) == list(plain.llm.state_dict())
+    assert all(torch.equal(t, plain.llm.state_dict()[k]) for k, t in reloaded.state_dict().items())
+    ids = mixed_batch(model)["input_ids"]
+    ids = ids.masked_fill(ids == model.image_token_id, 0)  # the plain LLM's vocabulary has no <image>
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, plain.llm(ids).logits)

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 import mm
-from mm.build import build_encoder
+from mm.compose import build_encoder
 from mm.encoders.patch import PatchEncoder
 from mm.errors import MMError
 from tests.moe.conftest import build, image
 
 
 def test_grid_tokens_and_transform():
-    encoder = build_encoder(mm.ModelConfig(encoder="patch:32", image_size=56), pretrained=True)
+    encoder = build_encoder(mm.ModelConfig(encoder={"name": "patch:32", "image_size": 56}), pretrained=True)
     assert isinstance(encoder, PatchEncoder)
     assert (encoder.grid, encoder.dim, encoder.num_prefix_tokens, encoder.num_tokens) == ((4, 4), 32, 0, 16)
     pixels = encoder.transform(image(0, size=90))
@@ -47,9 +47,9 @@ def test_position_embedding_is_interpolated_for_other_sizes():
 
 def test_bad_specs_are_clear_errors():
     with pytest.raises(MMError, match="multiple of the patch size"):
-        build_encoder(mm.ModelConfig(encoder="patch", image_size=50), pretrained=True)
+        build_encoder(mm.ModelConfig(encoder={"name": "patch", "image_size": 50}), pretrained=True)
     with pytest.raises(MMError, match="integer width"):
-        build_encoder(mm.ModelConfig(encoder="patch:wide", image_size=56), pretrained=True)
+        build_encoder(mm.ModelConfig(encoder={"name": "patch:wide", "image_size": 56}), pretrained=True)
 
 
 def test_patch_pixel_shuffle_model_generates():
