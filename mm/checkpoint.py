@@ -1,4 +1,4 @@
-"""Saving and loading models: safetensors weights + the resolved config, nothing pickled.
+"""The files of a saved model: safetensors weights + the resolved config, nothing pickled (``mm.load``: mm/loading.py).
 
 Directory layout (``save_pretrained``-style):
     mm_config.json                      the resolved ModelConfig
@@ -17,7 +17,6 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mm.config import ModelConfig, from_dict, to_dict
 from mm.errors import MMError
@@ -54,8 +53,7 @@ def save(model, directory: str | Path, max_shard_size: str | int = "4GB") -> Pat
     directory.mkdir(parents=True, exist_ok=True)
     model.llm.config.save_pretrained(directory / "llm")
     model.tokenizer.save_pretrained(directory / "tokenizer")
-    if hasattr(model.encoder, "save_config"):
-        model.encoder.save_config(directory / "encoder")
+    model.encoder.save_files(directory / "encoder")
     state, aliases = _unique_tensors(model.state_dict())
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size, filename_pattern="model{suffix}.safetensors")
     metadata = {"format": "pt", "aliases": json.dumps(aliases)}
@@ -84,13 +82,27 @@ def read_config(directory: str | Path) -> ModelConfig:
         raise MMError(f"{path} is not valid JSON: {exc}") from None
 
 
+def _read_index(index: Path) -> tuple[list[str], dict[str, str]]:
+    """Shard file names and aliases of a sharded save; every shard must be a plain file name in its directory."""
+    try:
+        data = json.loads(index.read_text())
+        files = sorted(set(data["weight_map"].values()))
+        aliases = data.get("metadata", {}).get("aliases", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MMError(f"{index} is not a valid weight index: {exc.__class__.__name__}: {exc}") from None
+    for name in files:
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise MMError(f"{index} names a weight file outside its directory: {name!r}")
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise MMError(f"{index}: metadata.aliases must map names to names")
+    return files, aliases
+
+
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a saved model, aliases restored. Refuses pickles."""
     index = directory / INDEX_FILE
     if index.is_file():
-        data = json.loads(index.read_text())
-        files = sorted(set(data["weight_map"].values()))
-        aliases = data.get("metadata", {}).get("aliases", {})
+        files, aliases = _read_index(index)
     elif (directory / WEIGHTS_FILE).is_file():
         files, aliases = [WEIGHTS_FILE], None
     else:
@@ -115,36 +127,3 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     for alias, name in (aliases or {}).items():
         state[alias] = state[name]
     return state
-
-
-def load(directory: str | Path, device: str | torch.device | None = None, dtype: str | None = None):
-    """Rebuild a saved model from its directory alone: skeleton from the saved configs, then the weights."""
-    from mm.build import assemble, build_encoder, torch_dtype
-
-    directory = Path(directory)
-    config = read_config(directory)
-    if dtype is not None:
-        torch_dtype(dtype)
-        config.dtype = dtype
-    for part in ("llm/config.json", "tokenizer"):
-        if not (directory / part).exists():
-            raise MMError(f"{directory} is incomplete: {part} is missing")
-    state = read_weights(directory)
-    if (directory / "encoder").is_dir():
-        family = config.encoder.partition(":")[0]
-        config.encoder = f"{family}:{directory / 'encoder'}"
-    encoder = build_encoder(config, pretrained=False)
-    llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory / "llm"), dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
-    model = assemble(config, encoder, llm, tokenizer)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise MMError(
-            f"weights in {directory} do not fit its config: {len(missing)} missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    model.load_state_dict(state, strict=True)
-    if device is not None:
-        model.to(device)
-    return model.to(torch_dtype(config.dtype)).eval()

@@ -1,22 +1,56 @@
-"""Typed configs: nested dataclasses are the only schema.
+"""The model's config and the loading of any config: defaults < YAML files (in order) < ``key=value`` overrides.
 
-Precedence: dataclass defaults < YAML files (in order) < ``key=value`` overrides. Unknown keys are errors
-that name the key and the valid ones.
+Each part (encoder, adapter, LLM, MoE router) owns its options dataclass; ``ModelConfig`` holds the part's name
+plus that options section. Values are checked against their annotations by ``mm.schema``; unknown keys are
+errors that name the key and the valid ones.
 """
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from mm.errors import MMError
+from mm.schema import Part, from_dict, normalise_parts, part_field, to_dict
 
 C = TypeVar("C")
+
+# Flat keys of configs saved before parts owned their options: old key -> (part field, option name).
+FLAT_KEYS = {
+    "encoder_path": ("encoder", "weights"),
+    "select_layer": ("encoder", "select_layer"),
+    "image_size": ("encoder", "image_size"),
+    "pool_size": ("adapter", "size"),
+    "resampler_queries": ("adapter", "queries"),
+    "adapter_hidden": ("adapter", "hidden"),
+}
+# Flat router keys of old MoE sections -> the topk router's options.
+FLAT_ROUTER_KEYS = ("num_experts", "top_k", "aux_loss_coef")
+
+
+def _move_flat_keys(data: dict[str, Any], moves: dict[str, tuple[str, str]], kinds: dict[str, str]) -> dict:
+    """Move each old flat key into the options of the part that declares it; drop it where the named part
+    takes no such option (old configs saved every key, used or not)."""
+    from mm.parts import registry
+
+    for old, (field_name, option) in moves.items():
+        if old not in data:
+            continue
+        value = data.pop(old)
+        part = data.get(field_name)
+        if part is None or isinstance(part, Part):
+            continue
+        section = {"name": part} if isinstance(part, str) else dict(part)
+        if not isinstance(section.get("name"), str) or section["name"].partition(":")[0] not in \
+                registry(kinds[field_name]):
+            continue  # an unknown part: the normal check reports it
+        declared = registry(kinds[field_name]).entry(section["name"]).options.__dataclass_fields__
+        if option in declared and option not in section:
+            section[option] = value
+        data[field_name] = section
+    return data
 
 
 @dataclass
@@ -25,67 +59,44 @@ class MoEConfig:
 
     ffn_experts: bool = True  # a visual FFN expert per chosen layer, copied from the LLM's FFN
     attn_experts: bool = False  # visual q/k/v/o projections per chosen layer (Mono-InternVL-1.5)
-    layers: Any = "all"  # "all" or a list of decoder-layer indices
-    router: str = "modality"  # "modality" (static, by token type) or "topk" (learned, MoE-LLaVA style)
-    num_experts: int = 4  # topk router only: experts per layer, each upcycled from the FFN
-    top_k: int = 2  # topk router only
-    aux_loss_coef: float = 0.01  # topk router only: load-balancing loss weight
+    layers: str | list[int] = "all"  # "all" or a list of decoder-layer indices
+    # a registered router with its options: "modality" (static, by token type) or
+    # {name: topk, num_experts: 4, top_k: 2, aux_loss_coef: 0.01} (learned, MoE-LLaVA style)
+    router: Part = part_field("router", "modality")
+
+    def __post_init__(self) -> None:
+        normalise_parts(self)
+
+    @staticmethod
+    def migrate(data: dict[str, Any]) -> dict[str, Any]:
+        """Old flat ``num_experts`` / ``top_k`` / ``aux_loss_coef`` -> the top-k router's options."""
+        data.setdefault("router", "modality")
+        return _move_flat_keys(data, {key: ("router", key) for key in FLAT_ROUTER_KEYS}, {"router": "router"})
 
 
 @dataclass
 class ModelConfig:
-    """Everything needed to build a MultimodalModel; saved beside every checkpoint."""
+    """Everything needed to build a MultimodalModel; saved beside every checkpoint.
 
-    encoder: str = "tiny-vit"  # registry spec, e.g. "timm:tf_efficientnet_lite0", "open_clip:ViT-B-32", "hf:/path"
-    adapter: str = "mlp"  # linear | mlp | pool | pixel-shuffle | resampler
-    llm: str = "tiny-llama"  # registry spec, e.g. "smollm2-135m", "hf:/path/to/causal-lm"
-    encoder_path: str | None = None  # local weights for the encoder (open_clip checkpoint file, ...)
-    select_layer: int = -1  # transformers towers: which hidden state to take (-2 = LLaVA's penultimate)
-    image_size: int | None = None  # override the encoder's default input size
-    pool_size: int = 7  # pool adapter: P, giving P*P tokens per image
-    resampler_queries: int = 64  # resampler adapter: learned queries = tokens per image
-    adapter_hidden: int | None = None  # hidden width of MLP-style adapters (default: the LLM width)
+    ``encoder``, ``adapter`` and ``llm`` are parts: a registry spec (``timm:tf_efficientnet_lite0``,
+    ``pool``, ``smollm2-135m``) or ``{name: <spec>, <option>: <value>}`` with the options that part declares.
+    """
+
+    encoder: Part = part_field("encoder", "tiny-vit")
+    adapter: Part = part_field("adapter", "mlp")
+    llm: Part = part_field("llm", "tiny-llama")
     freeze_llm: bool = True
     freeze_encoder: bool = True
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     moe: MoEConfig | None = None
 
+    def __post_init__(self) -> None:
+        normalise_parts(self)
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _dataclass_in(tp: Any) -> type | None:
-    """The dataclass inside ``tp`` (``X`` or ``X | None``), else None."""
-    if dataclasses.is_dataclass(tp):
-        return tp
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        for arg in typing.get_args(tp):
-            if dataclasses.is_dataclass(arg):
-                return arg
-    return None
-
-
-def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "") -> C:
-    """Build dataclass ``cls`` from a plain dict, recursing into nested dataclasses."""
-    data = data or {}
-    if not isinstance(data, dict):
-        raise MMError(f"config {where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = _field_types(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise MMError(f"unknown config key {where + key!r}; valid keys: {', '.join(names)}")
-        nested = _dataclass_in(hints[key])
-        if nested is not None and isinstance(value, dict):
-            value = from_dict(nested, value, f"{where}{key}.")
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    @staticmethod
+    def migrate(data: dict[str, Any]) -> dict[str, Any]:
+        """Old flat keys (``pool_size``, ``select_layer``, ...) -> the options of the part that declares them."""
+        return _move_flat_keys(data, FLAT_KEYS, {"encoder": "encoder", "adapter": "adapter"})
 
 
 def _parse_value(text: str) -> Any:
@@ -97,7 +108,8 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one dotted ``a.b.c=value`` override to a nested dict in place."""
+    """Apply one dotted ``a.b.c=value`` override to a nested dict in place. A part given by its bare name
+    (``adapter: pool``) becomes ``{name: pool}`` when an override reaches into it (``adapter.size=3``)."""
     key, sep, text = assignment.partition("=")
     if not sep or not key:
         raise MMError(f"override {assignment!r} is not of the form key=value")
@@ -107,6 +119,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
+        if isinstance(child, str):
+            child = node[part] = {"name": child}
         if not isinstance(child, dict):
             raise MMError(f"override {assignment!r}: {part!r} is not a section")
         node = child
@@ -114,11 +128,14 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; ``update`` wins."""
+    """Recursive dict merge; ``update`` wins. A part's bare name merged with a section keeps both."""
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, str) and "name" not in value:
+            old = {"name": old}
+        if isinstance(value, dict) and isinstance(old, dict):
+            out[key] = merge(old, value)
         else:
             out[key] = value
     return out
@@ -138,10 +155,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(cls: type[C], files: list[str | Path] = (), overrides: list[str] = ()) -> C:
-    """Defaults < each YAML file in order < ``key=value`` overrides, validated against ``cls``."""
+    """Defaults < each YAML file in order < ``key=value`` overrides, checked against ``cls``."""
     data: dict[str, Any] = {}
     for path in files:
         data = merge(data, read_yaml(path))
     for assignment in overrides:
         apply_override(data, assignment)
     return from_dict(cls, data)
+
+
+__all__ = ["ModelConfig", "MoEConfig", "Part", "load_config", "from_dict", "to_dict", "merge", "read_yaml",
+           "apply_override"]

@@ -61,7 +61,7 @@ def test_labels_give_a_loss_and_only_the_adapter_trains(tiny_model, images):
 
 @pytest.mark.parametrize("llm", ["tiny-qwen2", "tiny-mistral", "tiny-gpt2"])
 def test_other_llm_families(llm, images):
-    model = mm.build(mm.ModelConfig(llm=llm, adapter="pool", pool_size=2))
+    model = mm.build(mm.ModelConfig(llm=llm, adapter={"name": "pool", "size": 2}))
     assert model.tokens_per_image == 4
     kwargs = dict(images=images[:1], prompt="hi", max_new_tokens=5)
     assert model.generate(use_cache=True, **kwargs) == model.generate(use_cache=False, **kwargs)

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from mm.adapters.base import ADAPTERS, Adapter
-from mm.config import ModelConfig
 from mm.encoders.base import VisionEncoder
 
 
@@ -23,7 +22,18 @@ class LinearAdapter(Adapter):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, N, Din] -> [B, M, Dllm]
         return self.proj(tokens[:, self.num_prefix_tokens:])
 
+    def llava_problems(self, llm_width: int) -> list[str]:
+        return []
 
-@ADAPTERS.register("linear")
-def build_linear(encoder: VisionEncoder, llm_dim: int, config: ModelConfig) -> LinearAdapter:
+    def llava_projector(self, llm_width: int) -> tuple[str, dict]:
+        """``linear_1`` = this projection; ``linear_2`` = identity with zero bias (exact: x @ I^T + 0 == x) under
+        the identity activation ``"linear"``."""
+        weight = self.proj.weight.detach()
+        return "linear", {"linear_1.weight": weight, "linear_1.bias": self.proj.bias.detach(),
+                          "linear_2.weight": torch.eye(llm_width, dtype=weight.dtype),
+                          "linear_2.bias": torch.zeros(llm_width, dtype=weight.dtype)}
+
+
+@ADAPTERS.register("linear", capabilities=("llava",))
+def build_linear(encoder: VisionEncoder, llm_dim: int, options) -> LinearAdapter:
     return LinearAdapter(encoder.dim, llm_dim, encoder.num_prefix_tokens, encoder.grid[0] * encoder.grid[1])

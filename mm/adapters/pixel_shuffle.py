@@ -3,7 +3,7 @@
 Drop prefix tokens; each 2 x 2 block of neighbouring grid tokens is concatenated on channels in the block's
 row-major order ``(r, c), (r, c+1), (r+1, c), (r+1, c+1)`` (InternVL's ``ps_version='v2'`` layout, so its
 ``mlp1`` weights fit), giving a ``rows/2 x cols/2`` grid in raster order; then
-LayerNorm(4 Din) -> Linear(4 Din, h) -> GELU -> Linear(h, Dllm), ``h = config.adapter_hidden`` or Dllm.
+LayerNorm(4 Din) -> Linear(4 Din, h) -> GELU -> Linear(h, Dllm), ``h`` = option ``hidden`` or Dllm.
 An odd grid side is padded by repeating its last row/column, so ``num_tokens = ceil(rows/2) * ceil(cols/2)``.
 """
 from __future__ import annotations
@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm.adapters.base import ADAPTERS, Adapter
-from mm.config import ModelConfig
+from mm.adapters.base import ADAPTERS, Adapter, HiddenOptions
 from mm.encoders.base import VisionEncoder
 
 
@@ -44,7 +43,7 @@ class PixelShuffleAdapter(Adapter):
         return self.mlp(pixel_shuffle(x))  # [B, M, Dllm]
 
 
-@ADAPTERS.register("pixel-shuffle")
-def build_pixel_shuffle(encoder: VisionEncoder, llm_dim: int, config: ModelConfig) -> PixelShuffleAdapter:
-    return PixelShuffleAdapter(encoder.dim, config.adapter_hidden or llm_dim, llm_dim, encoder.num_prefix_tokens,
+@ADAPTERS.register("pixel-shuffle", options=HiddenOptions)
+def build_pixel_shuffle(encoder: VisionEncoder, llm_dim: int, options: HiddenOptions) -> PixelShuffleAdapter:
+    return PixelShuffleAdapter(encoder.dim, options.hidden or llm_dim, llm_dim, encoder.num_prefix_tokens,
                                tuple(encoder.grid))

@@ -1,20 +1,27 @@
 """``pool``: the InfMLLM pool-adapter (arXiv 2311.06791).
 
 LayerNorm(Din) -> drop prefix tokens -> the ``rows x cols`` grid -> adaptive average pooling to ``P x P``
-(``P = config.pool_size``; equal to block averaging when the grid divides by P, and also covers the other case)
+(``P`` = option ``size``; equal to block averaging when the grid divides by P, and also covers the other case)
 -> raster (row-major) order, which is how position survives -> Linear(Din, h) -> GELU -> Linear(h, Dllm),
-``h = config.adapter_hidden`` or Dllm (the paper's d). Output: exactly ``P*P`` tokens per image.
+``h`` = option ``hidden`` or Dllm (the paper's d). Output: exactly ``P*P`` tokens per image.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mm.adapters.base import ADAPTERS, Adapter
-from mm.config import ModelConfig
 from mm.encoders.base import VisionEncoder
 from mm.errors import MMError
+
+
+@dataclass
+class PoolOptions:
+    size: int = 7  # P: the adapter gives P*P tokens per image
+    hidden: int | None = None  # MLP hidden width (None: the LLM width)
 
 
 class PoolAdapter(Adapter):
@@ -37,11 +44,11 @@ class PoolAdapter(Adapter):
         return self.mlp(x)
 
 
-@ADAPTERS.register("pool")
-def build_pool(encoder: VisionEncoder, llm_dim: int, config: ModelConfig) -> PoolAdapter:
-    size = config.pool_size
-    if not isinstance(size, int) or size < 1 or size > min(encoder.grid):
-        raise MMError(f"pool_size {size!r} must be an integer from 1 to {min(encoder.grid)} "
+@ADAPTERS.register("pool", options=PoolOptions, example=lambda workdir: {"name": "pool", "size": 2})
+def build_pool(encoder: VisionEncoder, llm_dim: int, options: PoolOptions) -> PoolAdapter:
+    size = options.size
+    if size < 1 or size > min(encoder.grid):
+        raise MMError(f"pool adapter size {size!r} must be an integer from 1 to {min(encoder.grid)} "
                       f"(the encoder's grid is {encoder.grid[0]}x{encoder.grid[1]})")
-    return PoolAdapter(encoder.dim, config.adapter_hidden or llm_dim, llm_dim, encoder.num_prefix_tokens,
+    return PoolAdapter(encoder.dim, options.hidden or llm_dim, llm_dim, encoder.num_prefix_tokens,
                        tuple(encoder.grid), size)

@@ -1,20 +1,27 @@
-"""``resampler``: a Perceiver resampler (Flamingo) with ``config.resampler_queries`` learned queries.
+"""``resampler``: a Perceiver resampler (Flamingo) with option ``queries`` learned queries.
 
 Prefix tokens are dropped; the grid tokens are projected to Dllm and given a learned position embedding (the
 grid is fixed at build time). Each of ``depth`` layers lets the queries attend to ``[tokens; queries]``
 (``torch.nn.MultiheadAttention``) and then runs an FFN, both pre-norm and residual; a final LayerNorm closes.
-Output: ``[B, resampler_queries, Dllm]`` whatever the grid. FFN width: ``config.adapter_hidden`` or 4 Dllm;
+Output: ``[B, queries, Dllm]`` whatever the grid. FFN width: option ``hidden`` or 4 Dllm;
 heads: Dllm / 64 rounded down to a divisor of Dllm.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mm.adapters.base import ADAPTERS, Adapter
-from mm.config import ModelConfig
 from mm.encoders.base import VisionEncoder
 from mm.errors import MMError
+
+
+@dataclass
+class ResamplerOptions:
+    queries: int = 64  # learned queries = tokens per image
+    hidden: int | None = None  # FFN width (None: 4 x the LLM width)
 
 
 class ResamplerLayer(nn.Module):
@@ -56,10 +63,10 @@ class ResamplerAdapter(Adapter):
         return self.norm_out(latents)
 
 
-@ADAPTERS.register("resampler")
-def build_resampler(encoder: VisionEncoder, llm_dim: int, config: ModelConfig) -> ResamplerAdapter:
-    queries = config.resampler_queries
-    if not isinstance(queries, int) or queries < 1:
-        raise MMError(f"resampler_queries must be a positive integer, got {queries!r}")
+@ADAPTERS.register("resampler", options=ResamplerOptions, example=lambda workdir: {"name": "resampler", "queries": 3})
+def build_resampler(encoder: VisionEncoder, llm_dim: int, options: ResamplerOptions) -> ResamplerAdapter:
+    queries = options.queries
+    if queries < 1:
+        raise MMError(f"resampler adapter queries must be a positive integer, got {queries!r}")
     return ResamplerAdapter(encoder.dim, llm_dim, encoder.num_prefix_tokens, encoder.grid[0] * encoder.grid[1],
-                            queries, ffn_hidden=config.adapter_hidden)
+                            queries, ffn_hidden=options.hidden)

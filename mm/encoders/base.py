@@ -1,6 +1,8 @@
 """What every vision encoder provides."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -10,6 +12,13 @@ from torch import nn
 from mm.registry import Registry
 
 ENCODERS: Registry = Registry("encoder")
+
+
+@dataclass
+class SizeOptions:
+    """Options of an encoder whose only knob is its input size."""
+
+    image_size: int | None = None  # input side in pixels (None: the encoder's own default)
 
 
 class VisionEncoder(nn.Module):
@@ -25,6 +34,15 @@ class VisionEncoder(nn.Module):
     num_prefix_tokens: int = 0
     image_size: int
     transform: Callable[[Image.Image], torch.Tensor]
+
+    def save_files(self, directory: Path) -> bool:
+        """Capability: write the files this encoder needs to be rebuilt without its source (its builder then
+        gets ``saved=directory``). Returns whether it wrote any; most encoders need none."""
+        return False
+
+    def llava_problems(self) -> list[str]:
+        """Capability: why this tower cannot become a transformers LLaVA vision tower (empty when it can)."""
+        return [f"encoder {type(self).__name__} is not a transformers CLIP/SigLIP vision tower"]
 
     @property
     def num_tokens(self) -> int:

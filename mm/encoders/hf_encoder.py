@@ -1,24 +1,30 @@
 """``hf:<local dir>``: a transformers CLIP or SigLIP vision tower from a local directory.
 
 The directory may hold a vision-only model (``clip_vision_model`` / ``siglip_vision_model``) or a full CLIP /
-SigLIP model, whose vision tower is taken. Tokens are ``hidden_states[config.select_layer]`` (0 = embeddings,
+SigLIP model, whose vision tower is taken. Tokens are ``hidden_states[select_layer]`` (0 = embeddings,
 -1 = last layer, -2 = LLaVA's penultimate), raw: no post-layernorm. CLIP has one CLS prefix token, SigLIP
 none. Layers after the chosen one, the post-layernorm and SigLIP's pooling head are removed (they would be
 unused parameters). Preprocessing is the directory's image processor, else the family's default processor
 (CLIP: OpenAI CLIP mean/std, resize + center crop; SigLIP: mean/std 0.5, square resize) at the model's size.
-``config.image_size`` overrides the size; position embeddings are then interpolated.
+Option ``image_size`` overrides the size; position embeddings are then interpolated.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mm.config import ModelConfig
 from mm.encoders.base import ENCODERS, VisionEncoder
 from mm.errors import MMError
+
+@dataclass
+class HFEncoderOptions:
+    image_size: int | None = None  # input side (position embeddings interpolated when it differs)
+    select_layer: int = -1  # hidden state to take: 0 embeddings, -1 last layer, -2 LLaVA's penultimate
+
 
 _FAMILIES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
 
@@ -37,10 +43,19 @@ class HFVisionEncoder(VisionEncoder):
         self.dim = model.config.hidden_size
         self.processor = processor
 
-    def save_config(self, directory: Path) -> None:
-        """Write what ``hf:<directory>`` with ``pretrained=False`` needs to rebuild this tower (no weights)."""
+    def save_files(self, directory: Path) -> bool:
+        """The tower's config and image processor (no weights): the builder rebuilds from them (``saved``)."""
         self.model.config.save_pretrained(directory)
         self.processor.save_pretrained(directory)
+        return True
+
+    def llava_problems(self) -> list[str]:
+        if self.interpolate:
+            return [f"image_size {self.image_size} differs from the vision tower's {self.model.config.image_size} "
+                    "(LLaVA does not interpolate position embeddings)"]
+        if self.num_prefix_tokens not in (0, 1):
+            return [f"the encoder has {self.num_prefix_tokens} prefix tokens; LLaVA drops 0 or 1"]
+        return []
 
     def transform(self, image) -> torch.Tensor:  # PIL RGB -> [3, H, W]
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -92,11 +107,25 @@ def _cut(model: nn.Module, family: str, layer: int) -> None:
         tower.use_head = False
 
 
-@ENCODERS.register("hf")
-def build_hf(arg: str | None, config: ModelConfig, pretrained: bool) -> HFVisionEncoder:
-    """``hf:<dir>`` with a transformers ``config.json``; ``pretrained=False`` builds from that config only."""
+def example(workdir: Path) -> dict:
+    """A tiny random CLIP vision tower saved under ``workdir``."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    path = Path(workdir) / "hf-tiny-clip"
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=32, patch_size=8)).save_pretrained(path)
+    return {"name": f"hf:{path}", "select_layer": -2}
+
+
+@ENCODERS.register("hf", options=HFEncoderOptions, capabilities=("llava",), example=example)
+def build_hf(arg: str | None, options: HFEncoderOptions, pretrained: bool, saved: Path | None = None
+             ) -> HFVisionEncoder:
+    """``hf:<dir>`` with a transformers ``config.json``; ``pretrained=False`` builds from that config only.
+    ``saved``: a directory written by ``save_files``, used instead of ``<dir>`` (rebuilding a saved model)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
+    if saved is not None:
+        arg, pretrained = str(saved), False
     if not arg:
         raise MMError("hf encoder needs a local model directory, e.g. hf:/models/clip-vit-large-patch14")
     path = Path(arg)
@@ -118,10 +147,10 @@ def build_hf(arg: str | None, config: ModelConfig, pretrained: bool) -> HFVision
         model = model_cls(vision_config)
 
     num_layers = vision_config.num_hidden_layers
-    layer = config.select_layer
+    layer = options.select_layer
     if not -(num_layers + 1) <= layer <= num_layers:
         raise MMError(f"select_layer {layer} out of range for {path} with {num_layers} layers")
     _cut(model, family, layer % (num_layers + 1))
-    size = config.image_size or vision_config.image_size
-    processor = _processor(path, family, size, override=config.image_size is not None)
+    size = options.image_size or vision_config.image_size
+    processor = _processor(path, family, size, override=options.image_size is not None)
     return HFVisionEncoder(model, 1 if family == "clip" else 0, size, processor)

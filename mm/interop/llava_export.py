@@ -26,44 +26,32 @@ from torch import nn
 from mm.config import ModelConfig
 from mm.errors import MMError
 from mm.interop.chat_template import with_content_parts
+from mm.parts import registry
 
-ADAPTERS = ("linear", "mlp")
+CAPABILITY = "llava"  # what an encoder / adapter part declares when it maps onto LLaVA's tower / projector
 
 
 def config_problems(config: ModelConfig) -> list[str]:
     """Why a model with this config cannot become a LLaVA checkpoint (empty when it may)."""
     problems = []
-    if config.encoder.partition(":")[0] != "hf":
-        problems.append(f"encoder {config.encoder!r} is not a transformers CLIP/SigLIP vision tower (hf:<dir>)")
-    if config.adapter not in ADAPTERS:
-        problems.append(f"adapter {config.adapter!r} has no LLaVA projector equivalent (exportable: "
-                        f"{', '.join(ADAPTERS)})")
+    for kind in ("encoder", "adapter"):
+        part = getattr(config, kind)
+        if not registry(kind).entry(part.name).supports(CAPABILITY):
+            able = [n for n in registry(kind).names() if registry(kind).entry(n).supports(CAPABILITY)]
+            problems.append(f"{kind} {part.name!r} has no LLaVA equivalent (exportable {kind}s: {', '.join(able)})")
     if config.moe is not None:
         problems.append("modality experts (moe) inside the LLM have no LLaVA equivalent")
     return problems
 
 
 def model_problems(model) -> list[str]:
-    from mm.adapters.linear import LinearAdapter
-    from mm.adapters.mlp import MLPAdapter
-    from mm.encoders.hf_encoder import HFVisionEncoder
-
+    """The config's problems, then what the built parts themselves report (``llava_problems``)."""
     problems = config_problems(model.config)
-    encoder, adapter, llm = model.encoder, model.adapter, model.llm
+    llm = model.llm
     if problems:
         return problems
-    if not isinstance(encoder, HFVisionEncoder):
-        problems.append(f"encoder is a {type(encoder).__name__}, not a transformers CLIP/SigLIP vision tower")
-    elif encoder.interpolate:
-        problems.append(f"image_size {encoder.image_size} differs from the vision tower's "
-                        f"{encoder.model.config.image_size} (LLaVA does not interpolate position embeddings)")
-    elif encoder.num_prefix_tokens not in (0, 1):
-        problems.append(f"the encoder has {encoder.num_prefix_tokens} prefix tokens; LLaVA drops 0 or 1")
-    if not isinstance(adapter, (LinearAdapter, MLPAdapter)):
-        problems.append(f"adapter is a {type(adapter).__name__}, not linear or mlp")
-    elif isinstance(adapter, MLPAdapter) and adapter.mlp[0].out_features != llm.config.hidden_size:
-        problems.append(f"mlp adapter hidden width {adapter.mlp[0].out_features} differs from the LLM width "
-                        f"{llm.config.hidden_size} (LLaVA's projector hidden width is the LLM width)")
+    problems += model.encoder.llava_problems()
+    problems += model.adapter.llava_problems(llm.config.hidden_size)
     if model.moe is not None:
         problems.append("modality experts (moe) inside the LLM have no LLaVA equivalent")
     head = llm.get_output_embeddings()
@@ -94,7 +82,6 @@ def _tower_layers(tower: nn.Module) -> int:
 
 def llava_config(model):
     """The LlavaConfig equivalent to ``model`` (an exportable one)."""
-    from mm.adapters.linear import LinearAdapter
     from transformers import LlavaConfig
 
     encoder = model.encoder
@@ -108,7 +95,7 @@ def llava_config(model):
         text_config=text_config,
         image_token_index=model.image_token_id,
         image_seq_length=model.tokens_per_image,
-        projector_hidden_act="linear" if isinstance(model.adapter, LinearAdapter) else "gelu",
+        projector_hidden_act=model.adapter.llava_projector(text_config.hidden_size)[0],
         vision_feature_layer=-1,
         vision_feature_select_strategy="default" if encoder.num_prefix_tokens == 1 else "full",
         multimodal_projector_bias=True,
@@ -122,22 +109,6 @@ def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
         return weight.detach()
     extra = weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])
     return torch.cat([weight.detach(), extra])
-
-
-def _projector_state(adapter, width: int) -> dict[str, torch.Tensor]:
-    from mm.adapters.linear import LinearAdapter
-
-    if isinstance(adapter, LinearAdapter):
-        first, second = adapter.proj, None
-    else:
-        first, second = adapter.mlp[0], adapter.mlp[2]
-    state = {"linear_1.weight": first.weight, "linear_1.bias": first.bias}
-    if second is None:  # identity: x @ I^T + 0 == x exactly
-        state["linear_2.weight"] = torch.eye(width, dtype=first.weight.dtype)
-        state["linear_2.bias"] = torch.zeros(width, dtype=first.weight.dtype)
-    else:
-        state["linear_2.weight"], state["linear_2.bias"] = second.weight, second.bias
-    return {k: v.detach() for k, v in state.items()}
 
 
 def to_llava(model):
@@ -173,8 +144,8 @@ def to_llava(model):
     llava.model.language_model.load_state_dict(base, strict=True, assign=True)
     head = llm.get_output_embeddings().weight
     llava.lm_head.load_state_dict({"weight": _pad_rows(head, rows)}, strict=True, assign=True)
-    llava.model.multi_modal_projector.load_state_dict(_projector_state(model.adapter, llm.config.hidden_size),
-                                                      strict=True, assign=True)
+    projector = model.adapter.llava_projector(llm.config.hidden_size)[1]
+    llava.model.multi_modal_projector.load_state_dict(projector, strict=True, assign=True)
     if config.tie_word_embeddings:
         llava.tie_weights()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mm.build import DTYPES
+from mm.compose import DTYPES
 from mm.config import ModelConfig
 from mm.errors import MMError
 
@@ -108,8 +108,8 @@ def import_llava(hf_dir: str | Path, out: str | Path):
         llm.save_pretrained(llm_dir)
         tokenizer.save_pretrained(llm_dir)
         del llm
-        model_config = ModelConfig(encoder=f"hf:{vision_dir}", adapter=adapter, llm=f"hf:{llm_dir}",
-                                   select_layer=config.vision_feature_layer, dtype="float32")
+        model_config = ModelConfig(encoder={"name": f"hf:{vision_dir}", "select_layer": config.vision_feature_layer},
+                                   adapter=adapter, llm=f"hf:{llm_dir}", dtype="float32")
         model = mm.build(model_config)
         if model.image_token_id != config.image_token_index:
             raise MMError(f"{hf_dir}: mm's <image> id {model.image_token_id} is not the model's "
@@ -117,9 +117,9 @@ def import_llava(hf_dir: str | Path, out: str | Path):
         with torch.no_grad():
             model.adapter.load_state_dict(_adapter_state(llava.model.multi_modal_projector, adapter), strict=True)
         del llava
-        model.config.encoder = f"hf:{out / 'encoder'}"
-        model.config.llm = f"hf:{out / 'llm'}"  # provenance only: the weights are in model.safetensors
+        model.config.encoder.name = f"hf:{out / 'encoder'}"
+        model.config.llm.name = f"hf:{out / 'llm'}"  # provenance only: the weights are in model.safetensors
         model.config.dtype = dtype
         model.to(DTYPES[dtype])
-        mm.save(model, out)  # writes encoder/ through the encoder's save_config
+        mm.save(model, out)  # writes encoder/ through the encoder's save_files
     return model

@@ -1,15 +1,14 @@
 """Staged training with DeepSpeed: a stage = trainable globs + data + loss; one loop for every stage."""
 from mm.train.config import (
-    DistillConfig,
-    DPOConfig,
     LoRAConfig,
     StageConfig,
     TrainConfig,
+    TrainableGroup,
     TrainerConfig,
     validate,
 )
 
-__all__ = ["TrainConfig", "StageConfig", "TrainerConfig", "DistillConfig", "DPOConfig", "LoRAConfig", "validate",
+__all__ = ["TrainConfig", "StageConfig", "TrainerConfig", "TrainableGroup", "LoRAConfig", "validate",
            "train"]
 
 

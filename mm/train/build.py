@@ -1,26 +1,13 @@
 """What a run trains: the student (fresh, or ``init_from`` a previous run), LoRA, and the loss of its stage."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 import mm
 from mm.errors import MMError
+from mm.loading import resolve_model_dir
 from mm.train.config import TrainConfig
-from mm.train.losses import DPOLoss, KDLoss, LMLoss
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A run dir (its ``final`` export) or an mm model dir -> the mm model dir."""
-    path = Path(path)
-    if (path / "mm_config.json").is_file():
-        return path
-    if (path / "final" / "mm_config.json").is_file():
-        return path / "final"
-    if not path.exists():
-        raise MMError(f"init_from / teacher path not found: {path}")
-    raise MMError(f"{path} is neither an mm model dir nor a finished run (no mm_config.json, no final/)")
+from mm.train.losses.base import auxiliary_losses
 
 
 def build_student(config: TrainConfig):
@@ -59,34 +46,19 @@ def compile_decoder(model, config: TrainConfig) -> None:
         model.llm.get_decoder().compile(dynamic=True)
 
 
-def build_teacher(config: TrainConfig):
-    d = config.distill
-    if d.teacher:
-        return mm.load(resolve_model_dir(d.teacher))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.trainer.seed + 1)
-        return mm.build(d.teacher_model)
+def build_loss(config: TrainConfig):
+    """The stage's registered loss, built with its options; frozen models it needs live in it."""
+    from mm.parts import registry
+
+    part = config.stage.loss
+    return registry("loss").entry(part.name).builder(part.options, config)
 
 
-def build_loss(config: TrainConfig, student):
-    """The stage's loss object; frozen teacher/reference models live in it, never in the engine."""
-    kind = config.stage.loss
-    if kind == "lm":
-        return LMLoss()
-    if kind == "distill":
-        d = config.distill
-        loss = KDLoss(build_teacher(config), d.kl, d.temperature, d.lm_weight, d.mdist_weight, d.rdist_weight,
-                      d.image_positions)
-        loss.check(student)
-        return loss
-    if kind == "dpo":
-        reference = mm.load(resolve_model_dir(config.init_from)) if config.dpo.reference == "model" else None
-        return DPOLoss(reference, config.dpo.beta, config.dpo.sft_weight)
-    raise MMError(f"unknown stage.loss {kind!r}")
-
-
-def frozen_models(loss) -> list[torch.nn.Module]:
-    return [m for m in (getattr(loss, "teacher", None), getattr(loss, "reference", None)) if m is not None]
+def build_checked_loss(config: TrainConfig, student):
+    """``build_loss``, then the loss's own check of the student (e.g. the teacher's tokenizer must match)."""
+    loss = build_loss(config)
+    loss.check_student(student)
+    return loss
 
 
 class TrainModule(torch.nn.Module):
@@ -98,4 +70,9 @@ class TrainModule(torch.nn.Module):
         object.__setattr__(self, "loss_fn", loss)
 
     def forward(self, batch):
-        return self.loss_fn(self.model, batch)
+        """The stage's loss plus every auxiliary loss the model's parts produced in this forward."""
+        loss, parts = self.loss_fn(self.model, batch)
+        for name, aux in auxiliary_losses(self.model).items():
+            loss = loss + aux
+            parts = {**parts, name: aux.detach()}
+        return loss, parts

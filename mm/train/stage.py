@@ -14,20 +14,19 @@ from mm.errors import MMError
 
 
 def parse_trainable(entries: list[Any], default_lr: float) -> list[tuple[str, float]]:
-    """``[{pattern, lr}]`` (or bare glob strings) -> ``[(pattern, lr)]``; MMError on malformed entries."""
+    """``TrainableGroup``s, ``{pattern, lr}`` mappings or bare glob strings -> ``[(pattern, lr)]``."""
+    from mm.schema import check
+    from mm.train.config import TrainableGroup
+
     out = []
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
-            entry = {"pattern": entry}
-        if not isinstance(entry, dict) or "pattern" not in entry:
-            raise MMError(f"stage.trainable[{i}] must be {{pattern: <glob>, lr: <float>}}, got {entry!r}")
-        unknown = set(entry) - {"pattern", "lr"}
-        if unknown:
-            raise MMError(f"stage.trainable[{i}] has unknown keys {sorted(unknown)}; valid keys: pattern, lr")
-        lr = entry.get("lr", default_lr)
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
-            raise MMError(f"stage.trainable[{i}].lr must be a non-negative number, got {lr!r}")
-        out.append((str(entry["pattern"]), float(lr)))
+            entry = TrainableGroup(entry)
+        entry = check(entry, TrainableGroup, f"stage.trainable[{i}]")
+        lr = default_lr if entry.lr is None else entry.lr
+        if lr < 0:
+            raise MMError(f"stage.trainable[{i}].lr must be non-negative, got {lr!r}")
+        out.append((entry.pattern, float(lr)))
     return out
 
 

@@ -7,7 +7,6 @@ from torch import nn
 
 from mm.adapters import ADAPTERS, Adapter
 from mm.adapters.pixel_shuffle import pixel_shuffle
-from mm.config import ModelConfig
 from mm.encoders.base import VisionEncoder
 from mm.errors import MMError
 
@@ -22,16 +21,18 @@ class FakeEncoder(VisionEncoder):
         self.grid, self.num_prefix_tokens, self.dim = grid, num_prefix_tokens, dim
 
 
-def build(name: str, encoder: VisionEncoder, **overrides) -> Adapter:
-    builder, _ = ADAPTERS.get(name)
-    return builder(encoder, DLLM, ModelConfig(adapter=name, **overrides))
+def build(name: str, encoder: VisionEncoder, **options) -> Adapter:
+    """The adapter ``name`` with the given options (options it does not declare are left out)."""
+    entry = ADAPTERS.entry(name)
+    declared = {k: v for k, v in options.items() if k in entry.options.__dataclass_fields__}
+    return entry.builder(encoder, DLLM, entry.options(**declared))
 
 
 def tokens_for(encoder: VisionEncoder, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, encoder.num_tokens, encoder.dim)  # [B, prefix + rows*cols, Din]
 
 
-EXPECTED = {  # grid (4, 6) with pool_size 3 and 5 resampler queries
+EXPECTED = {  # grid (4, 6) with pool size 3 and 5 resampler queries (every adapter: test_contracts.py)
     "linear": 24, "mlp": 24, "pool": 9, "pixel-shuffle": 6, "resampler": 5,
 }
 
@@ -39,7 +40,7 @@ EXPECTED = {  # grid (4, 6) with pool_size 3 and 5 resampler queries
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_shape_and_prefix_dropped(name):
     encoder = FakeEncoder((4, 6), num_prefix_tokens=2)
-    adapter = build(name, encoder, pool_size=3, resampler_queries=5).eval()
+    adapter = build(name, encoder, size=3, queries=5).eval()
     assert adapter.num_tokens == EXPECTED[name]
     tokens = tokens_for(encoder)
     out = adapter(tokens)
@@ -50,12 +51,12 @@ def test_shape_and_prefix_dropped(name):
 
 
 def test_unknown_adapter_lists_choices():
-    with pytest.raises(MMError, match="choose one of: linear, mlp, pixel-shuffle, pool, resampler"):
+    with pytest.raises(MMError, match="choose one of: " + ", ".join(ADAPTERS.names())):
         ADAPTERS.get("qformer")
 
 
 def test_mlp_hidden_width():
-    adapter = build("mlp", FakeEncoder((2, 2)), adapter_hidden=7)
+    adapter = build("mlp", FakeEncoder((2, 2)), hidden=7)
     assert adapter.mlp[0].out_features == 7 and adapter.mlp[2].out_features == DLLM
 
 
@@ -63,14 +64,14 @@ def test_mlp_hidden_width():
                                              ((16, 16), 4)])
 def test_pool_gives_exactly_p_squared(grid, pool_size):
     encoder = FakeEncoder(grid)
-    adapter = build("pool", encoder, pool_size=pool_size)
+    adapter = build("pool", encoder, size=pool_size)
     assert adapter.num_tokens == pool_size**2
     assert adapter(tokens_for(encoder)).shape == (2, pool_size**2, DLLM)
 
 
 def test_pool_averages_blocks_in_raster_order():
     encoder = FakeEncoder((4, 4), num_prefix_tokens=1)
-    adapter = build("pool", encoder, pool_size=2)
+    adapter = build("pool", encoder, size=2)
     adapter.norm, adapter.mlp = nn.Identity(), nn.Identity()  # expose the pooling itself
     tokens = tokens_for(encoder, batch=1)
     grid = tokens[0, 1:].reshape(4, 4, DIN)
@@ -79,8 +80,8 @@ def test_pool_averages_blocks_in_raster_order():
 
 
 def test_pool_size_larger_than_grid_is_an_error():
-    with pytest.raises(MMError, match="pool_size"):
-        build("pool", FakeEncoder((4, 4)), pool_size=5)
+    with pytest.raises(MMError, match="pool adapter size 5"):
+        build("pool", FakeEncoder((4, 4)), size=5)
 
 
 @pytest.mark.parametrize("grid, expected", [((4, 4), 4), ((6, 4), 6), ((7, 7), 16), ((5, 3), 6)])
@@ -110,6 +111,6 @@ def test_pixel_shuffle_matches_internvl_layout():
 @pytest.mark.parametrize("grid, queries", [((4, 4), 3), ((7, 5), 8), ((2, 2), 16)])
 def test_resampler_outputs_one_token_per_query(grid, queries):
     encoder = FakeEncoder(grid)
-    adapter = build("resampler", encoder, resampler_queries=queries)
+    adapter = build("resampler", encoder, queries=queries)
     assert adapter.num_tokens == queries
     assert adapter(tokens_for(encoder)).shape == (2, queries, DLLM)

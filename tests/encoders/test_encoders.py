@@ -16,10 +16,10 @@ from mm.encoders.timm_encoder import LITE0, TimmEncoder, lite0_package_weights, 
 from mm.errors import MMError
 
 
-def build(spec: str, pretrained: bool = False, **overrides) -> VisionEncoder:
-    config = ModelConfig(encoder=spec, **overrides)
+def build(spec: str, pretrained: bool = False, **options) -> VisionEncoder:
+    config = ModelConfig(encoder={"name": spec, **options})
     builder, arg = ENCODERS.get(spec)
-    return builder(arg, config, pretrained)
+    return builder(arg, config.encoder.options, pretrained)
 
 
 def check_contract(encoder: VisionEncoder) -> torch.Tensor:
@@ -88,7 +88,7 @@ def test_timm_vit_with_registers():
 
 
 def test_timm_pretrained_needs_local_weights():
-    with pytest.raises(MMError, match="encoder_path"):
+    with pytest.raises(MMError, match="encoder.weights"):
         build("timm:test_resnet", pretrained=True)
     with pytest.raises(MMError, match="unknown timm model"):
         build("timm:not_a_model")
@@ -100,11 +100,11 @@ def test_timm_loads_encoder_path(tmp_path):
     source = timm.create_model("test_vit", img_size=64)  # a full checkpoint, classifier included
     path = tmp_path / "vit.safetensors"
     save_file(source.state_dict(), str(path))
-    loaded = build("timm:test_vit", pretrained=True, encoder_path=str(path), image_size=64).model.state_dict()
+    loaded = build("timm:test_vit", pretrained=True, weights=str(path), image_size=64).model.state_dict()
     assert loaded.keys() <= source.state_dict().keys()
     assert all(torch.equal(tensor, source.state_dict()[name]) for name, tensor in loaded.items())
     with pytest.raises(MMError, match="cannot load"):  # another model's weights never load partially
-        build("timm:test_resnet", pretrained=True, encoder_path=str(path))
+        build("timm:test_resnet", pretrained=True, weights=str(path))
 
 
 LITE0_FILE = lite0_package_weights()
@@ -163,7 +163,7 @@ def test_open_clip_tokens_match_open_clip(tiny_clip_arch, tmp_path):
     model = open_clip.create_model(tiny_clip_arch).eval()
     path = tmp_path / "tiny.safetensors"
     save_file(model.state_dict(), str(path))
-    encoder = build(f"open_clip:{tiny_clip_arch}", pretrained=True, encoder_path=str(path)).eval()
+    encoder = build(f"open_clip:{tiny_clip_arch}", pretrained=True, weights=str(path)).eval()
     assert (encoder.grid, encoder.dim, encoder.num_prefix_tokens, encoder.image_size) == ((4, 4), 32, 1, 32)
     check_contract(encoder)
     pixels = torch.randn(2, 3, 32, 32)
@@ -183,10 +183,10 @@ def test_open_clip_select_layer(tiny_clip_arch):
 
 
 def test_open_clip_pretrained_without_weights_is_an_error(tiny_clip_arch):
-    with pytest.raises(MMError, match="encoder_path"):
+    with pytest.raises(MMError, match="encoder.weights"):
         build(f"open_clip:{tiny_clip_arch}", pretrained=True)
     with pytest.raises(MMError, match="not a file"):
-        build(f"open_clip:{tiny_clip_arch}", pretrained=True, encoder_path="openai")  # never a download tag
+        build(f"open_clip:{tiny_clip_arch}", pretrained=True, weights="openai")  # never a download tag
     with pytest.raises(MMError, match="unknown open_clip"):
         build("open_clip:no-such-arch")
 

@@ -35,8 +35,8 @@ def towers(tmp_path_factory) -> dict[str, Path]:
 def _build_model(tower: Path, adapter: str, select_layer: int = -2) -> mm.MultimodalModel:
     """A tiny mm model whose adapter weights are large enough to move the logits (not near-zero init)."""
     torch.manual_seed(0)
-    model = mm.build(mm.ModelConfig(encoder=f"hf:{tower}", adapter=adapter, llm="tiny-llama",
-                                    select_layer=select_layer))
+    model = mm.build(mm.ModelConfig(encoder={"name": f"hf:{tower}", "select_layer": select_layer}, adapter=adapter,
+                                    llm="tiny-llama"))
     with torch.no_grad():
         for parameter in model.adapter.parameters():
             parameter.normal_(std=0.5)

@@ -66,7 +66,7 @@ def test_export_tool_then_import_tool_round_trip(towers, build_model, run_tool, 
 
     assert tool_main("import_hf.py")(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
     back = mm.load(tmp_path / "back")
-    assert (back.config.adapter, back.tokens_per_image, back.image_token_id) == ("mlp", 16, model.image_token_id)
+    assert (back.config.adapter.name, back.tokens_per_image, back.image_token_id) == ("mlp", 16, model.image_token_id)
     batch = model.collate([(PROMPTS[1][0], picture)])
     vocab = model.llm.get_input_embeddings().num_embeddings
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_export_tool_then_import_tool_round_trip(towers, build_model, run_tool, 
 
 
 def test_refuses_config_level_problems_without_loading(tmp_path):
-    with pytest.raises(MMError, match="encoder 'tiny-vit' is not a transformers.*adapter 'pool'.*moe"):
+    with pytest.raises(MMError, match="encoder 'tiny-vit' has no LLaVA equivalent.*adapter 'pool' has no LLaVA.*moe"):
         from mm.interop import check_exportable
 
         check_exportable(mm.ModelConfig(encoder="tiny-vit", adapter="pool", moe=mm.MoEConfig()))
@@ -83,10 +83,10 @@ def test_refuses_config_level_problems_without_loading(tmp_path):
 
 def test_refuses_mlp_hidden_width_and_interpolated_size(towers, tmp_path):
     torch.manual_seed(0)
-    wide = mm.build(mm.ModelConfig(encoder=f"hf:{towers['clip']}", adapter="mlp", adapter_hidden=48))
+    wide = mm.build(mm.ModelConfig(encoder=f"hf:{towers['clip']}", adapter={"name": "mlp", "hidden": 48}))
     with pytest.raises(MMError, match="mlp adapter hidden width 48 differs from the LLM width 64"):
         export_llava(wide, tmp_path)
-    resized = mm.build(mm.ModelConfig(encoder=f"hf:{towers['siglip']}", adapter="mlp", image_size=48))
+    resized = mm.build(mm.ModelConfig(encoder={"name": f"hf:{towers['siglip']}", "image_size": 48}, adapter="mlp"))
     with pytest.raises(MMError, match="image_size 48 differs from the vision tower's 32"):
         export_llava(resized, tmp_path)
     assert not any(tmp_path.iterdir())  # nothing written on refusal
@@ -96,15 +96,15 @@ def test_export_tool_names_the_blocking_part(towers, tiny_model_dir, run_tool, t
     """Pool adapter (a real saved model, tool as a subprocess), timm encoder and MoE (saved configs, tool in
     process): one line naming the part, exit 2, nothing written."""
     torch.manual_seed(0)
-    mm.build(mm.ModelConfig(encoder=f"hf:{towers['clip']}", adapter="pool", pool_size=2)).save(tmp_path / "pool")
+    mm.build(mm.ModelConfig(encoder=f"hf:{towers['clip']}", adapter={"name": "pool", "size": 2})).save(tmp_path / "pool")
     result = run_tool("export_hf.py", "--model", tmp_path / "pool", "--out", tmp_path / "pool-hf")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == ("mm: error: model is not exportable to LLaVA: adapter 'pool' has no LLaVA "
-                                     "projector equivalent (exportable: linear, mlp)")
+                                     "equivalent (exportable adapters: linear, mlp)")
     assert not (tmp_path / "pool-hf").exists()
     capsys.readouterr()  # drop the build's progress output
 
-    cases = {"timm": ({"encoder": "timm:resnet18"}, "encoder 'timm:resnet18' is not a transformers CLIP/SigLIP"),
+    cases = {"timm": ({"encoder": "timm:resnet18"}, "encoder 'timm:resnet18' has no LLaVA equivalent \\(exportable encoders: hf\\)"),
              "moe": ({"moe": {"ffn_experts": True}}, r"modality experts \(moe\) inside the LLM have no LLaVA")}
     for name, (change, message) in cases.items():
         shutil.copytree(tiny_model_dir, tmp_path / name)

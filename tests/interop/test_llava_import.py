@@ -62,7 +62,8 @@ def test_import_matches_llava_and_is_self_contained(tmp_path, picture):
     import_llava(tmp_path / "hf", tmp_path / "mm")
     shutil.move(tmp_path / "mm", tmp_path / "moved")  # the directory must not depend on where it was written
     model = mm.load(tmp_path / "moved")
-    assert (model.config.adapter, model.config.select_layer, model.tokens_per_image) == ("mlp", -2, 16)
+    assert (model.config.adapter.name, model.config.encoder.options.select_layer, model.tokens_per_image) == \
+        ("mlp", -2, 16)
     assert model.image_token_id == llava.config.image_token_index
 
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")

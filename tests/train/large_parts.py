@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config
 
-from mm.build import build_encoder
+from mm.compose import build_encoder
 
 LLMS = {
     "vicuna-7b-v1.5": lambda: LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -23,16 +23,15 @@ TOWERS = {
 }
 
 
-def llm_config(spec: str):
-    return LLMS[Path(spec.partition(":")[2]).name]()
+def llm_config(part):
+    return LLMS[Path(part.name.partition(":")[2]).name]()
 
 
 def vision_tower(model_config):
     """The recipe's encoder built without weights; ``hf:`` towers from a config written to a temp dir."""
-    family, _, arg = model_config.encoder.partition(":")
+    family, _, arg = model_config.encoder.name.partition(":")
     if family != "hf":
         return build_encoder(model_config, pretrained=False)
     directory = Path(tempfile.mkdtemp(prefix="mm-large-"))
     TOWERS[Path(arg).name]().save_pretrained(directory)
-    config = type(model_config)(**{**model_config.__dict__, "encoder": f"hf:{directory}"})
-    return build_encoder(config, pretrained=False)
+    return build_encoder(model_config, pretrained=False, saved=directory)

@@ -32,7 +32,7 @@ def _meta_model(config: TrainConfig):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import mm.adapters  # noqa: F401
-    from mm.build import assemble
+    from mm.compose import assemble
     from mm.llm.base import prepare_tokenizer
     from mm.llm.tiny import tiny_tokenizer
 
@@ -89,9 +89,9 @@ def test_user_deepspeed_json_fills_auto(tmp_path):
     (["bogus.key=1"], "unknown config key"),
     (["data.train="], "missing required config key data.train"),
     (["trainer.max_steps=0"], "trainer.max_steps must be a positive"),
-    (["stage.loss=ppo"], "stage.loss 'ppo' is unknown"),
-    (["trainer.precision=fp16"], "trainer.precision 'fp16' is unknown"),
-    (["stage.trainable=[{pattern: 'adapter.*', lr: fast}]"], "lr must be a non-negative number"),
+    (["stage.loss=ppo"], "config key stage.loss: unknown loss 'ppo'; choose one of: distill, dpo"),
+    (["trainer.precision=fp16"], "config key trainer.precision: expected one of 'fp32', 'bf16', got 'fp16'"),
+    (["stage.trainable=[{pattern: 'adapter.*', lr: fast}]"], r"config key stage.trainable\[0\].lr: expected float \| None, got 'fast'"),
 ])
 def test_bad_config_names_the_key(overrides, message):
     with pytest.raises(MMError, match=message):

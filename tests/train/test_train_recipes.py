@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import mm
-from mm.train.build import build_student, resolve_model_dir
+from mm.config import to_dict
+from mm.loading import resolve_model_dir
+from mm.train.build import build_student
 
 from train_helpers import run, states_equal, tiny_config
 
@@ -49,8 +51,8 @@ def test_tiny_recipe_end_to_end(recipe, corpus, bases, tmp_path):
     for fragment in must_train:
         assert any(fragment in name for name in changed), f"nothing matching {fragment!r} trained"
     saved = json.loads(json.dumps(__import__("yaml").safe_load((tmp_path / recipe / "config.yaml").read_text())))
-    assert saved["stage"]["trainable"] == config.stage.trainable
-    trainable = [g["pattern"] for g in config.stage.trainable]
+    assert saved["stage"]["trainable"] == to_dict(config.stage.trainable)
+    trainable = [g.pattern for g in config.stage.trainable]
     import fnmatch
 
     frozen = [n for n in before if not any(fnmatch.fnmatchcase(n, p) for p in trainable)]
@@ -70,7 +72,7 @@ def test_init_from_accepts_run_or_model_dir(bases):
 
 @pytest.mark.parametrize("recipe,overrides", [
     ("1_align", ["trainer.precision=bf16", "trainer.zero_stage=2"]),
-    ("distill_dpt", ["trainer.precision=bf16", "trainer.zero_stage=1", "distill.kl=reverse"]),
+    ("distill_dpt", ["trainer.precision=bf16", "trainer.zero_stage=1", "stage.loss.kl=reverse"]),
 ])
 def test_bf16_and_zero_stages(recipe, overrides, corpus, tmp_path):
     config = tiny_config(recipe, tmp_path / "run", corpus, *overrides)

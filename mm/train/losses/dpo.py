@@ -6,10 +6,14 @@ mean token NLL of the chosen answer.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
 from mm.errors import MMError
+from mm.train.losses.base import LOSSES, Loss
 from mm.train.losses.forward import sequence_logps
 
 
@@ -38,10 +42,22 @@ def pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return total[:B], total[B:], count[:B]
 
 
-class DPOLoss:
+@dataclass
+class DPOOptions:
+    beta: float = 0.1
+    reference: Literal["model", "precomputed"] = "model"  # frozen init_from copy | ref_logp_* in the batch
+    sft_weight: float = 0.0  # optional LM term on the chosen answer
+
+
+class DPOLoss(Loss):
+    data_kind = "preference"
+
     def __init__(self, reference=None, beta: float = 0.1, sft_weight: float = 0.0):
         self.reference = reference.eval().requires_grad_(False) if reference is not None else None
         self.beta, self.sft_weight = beta, sft_weight
+
+    def frozen_models(self) -> dict:
+        return {"reference": self.reference} if self.reference is not None else {}
 
     def __call__(self, model, batch):
         if "chosen" not in batch:
@@ -54,7 +70,7 @@ class DPOLoss:
             with torch.no_grad():
                 rc, rr, _ = pair_logps(self.reference, batch)
         else:
-            raise MMError("dpo.reference=precomputed but the batch carries no ref_logp_chosen/ref_logp_rejected")
+            raise MMError("stage.loss.reference=precomputed but the batch carries no ref_logp_chosen/ref_logp_rejected")
         losses = dpo_loss(pc, pr, rc, rr, self.beta)  # [B]
         loss = losses.mean()
         margin = ((pc - pr) - (rc - rr)).detach()
@@ -64,3 +80,17 @@ class DPOLoss:
             loss = loss + self.sft_weight * sft
             metrics["sft"] = sft.detach()
         return loss, metrics
+
+
+def check_dpo(options: DPOOptions, config) -> None:
+    if options.reference == "model" and not config.init_from:
+        raise MMError("stage.loss=dpo with reference=model needs init_from (the frozen reference model)")
+
+
+@LOSSES.register("dpo", options=DPOOptions, check=check_dpo)
+def build_dpo(options: DPOOptions, config) -> DPOLoss:
+    import mm
+    from mm.loading import resolve_model_dir
+
+    reference = mm.load(resolve_model_dir(config.init_from)) if options.reference == "model" else None
+    return DPOLoss(reference, options.beta, options.sft_weight)

@@ -9,11 +9,15 @@ The teacher is held here, outside the DeepSpeed engine, and runs under ``no_grad
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from mm.config import ModelConfig
 from mm.errors import MMError
+from mm.train.losses.base import LOSSES, Loss
 from mm.train.losses.forward import hidden_states, label_positions, logits_at, targets_at
 
 
@@ -49,7 +53,21 @@ def rdist(student_visual: torch.Tensor, teacher_visual: torch.Tensor) -> torch.T
     return (1 - F.cosine_similarity(rs.flatten(1), rt.flatten(1), dim=-1)).mean()
 
 
-class KDLoss:
+@dataclass
+class DistillOptions:
+    """``loss = lm_weight * lm + mdist_weight * MDist + rdist_weight * RDist`` against a frozen teacher."""
+
+    teacher: str | None = None  # an mm model dir or a run dir (its final export)
+    teacher_model: ModelConfig | None = None  # or: build a teacher from a ModelConfig (tests, pretrained parts)
+    kl: Literal["forward", "reverse", "js"] = "forward"
+    temperature: float = 1.0
+    lm_weight: float = 1.0
+    mdist_weight: float = 1.0
+    rdist_weight: float = 1.0
+    image_positions: bool = True  # MDist also over the image-token positions
+
+
+class KDLoss(Loss):
     def __init__(self, teacher, kl: str = "forward", temperature: float = 1.0, lm_weight: float = 1.0,
                  mdist_weight: float = 1.0, rdist_weight: float = 1.0, image_positions: bool = True):
         self.teacher = teacher.eval().requires_grad_(False)
@@ -57,7 +75,10 @@ class KDLoss:
         self.lm_weight, self.mdist_weight, self.rdist_weight = lm_weight, mdist_weight, rdist_weight
         self.image_positions = image_positions
 
-    def check(self, student) -> None:
+    def frozen_models(self) -> dict:
+        return {"teacher": self.teacher}
+
+    def check_student(self, student) -> None:
         if student.tokens_per_image != self.teacher.tokens_per_image:
             raise MMError(f"teacher and student must give the same tokens per image "
                           f"({self.teacher.tokens_per_image} vs {student.tokens_per_image})")
@@ -84,3 +105,27 @@ class KDLoss:
                    teacher_hidden[is_image].view(-1, M, teacher_hidden.shape[-1]))
         loss = self.lm_weight * lm + self.mdist_weight * md + self.rdist_weight * rd
         return loss, {"lm": lm.detach(), "mdist": md.detach(), "rdist": rd.detach()}
+
+
+def check_distill(options: DistillOptions, config) -> None:
+    if not (options.teacher or options.teacher_model):
+        raise MMError("stage.loss=distill needs stage.loss.teacher (a model/run dir) or stage.loss.teacher_model")
+
+
+@LOSSES.register("distill", options=DistillOptions, check=check_distill, example=lambda workdir: {
+    "name": "distill", "teacher_model": {"encoder": "tiny-vit", "adapter": "mlp", "llm": "tiny-qwen2"}})
+def build_distill(options: DistillOptions, config) -> KDLoss:
+    """The teacher: loaded from ``teacher``, or built from ``teacher_model`` with the run's seed + 1."""
+    import torch
+
+    import mm
+    from mm.loading import resolve_model_dir
+
+    if options.teacher:
+        teacher = mm.load(resolve_model_dir(options.teacher))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.trainer.seed + 1)
+            teacher = mm.build(options.teacher_model)
+    return KDLoss(teacher, options.kl, options.temperature, options.lm_weight, options.mdist_weight,
+                  options.rdist_weight, options.image_positions)
