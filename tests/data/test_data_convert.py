@@ -1,26 +1,22 @@
-"""Converters round-trip: what goes in comes back out of the shards (tools/convert.py, a real local HTTP server)."""
+"""Converters round-trip: what goes in comes back out of the shards (``mm convert``, a real local HTTP server)."""
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mm.cli import main, parser
+from mm.commands.convert import write_shards
 from mm.data import iter_docs
 
 from data_helpers import png
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-import convert  # noqa: E402
-
 
 def _convert(*argv) -> dict:
-    args = convert.parser().parse_args([str(a) for a in argv] + ["--quiet"])
-    return convert.run(args)
+    """The stats of ``mm convert ARGV --quiet``."""
+    return write_shards(parser().parse_args(["convert", *map(str, argv), "--quiet"]))
 
 
 def test_llava_multi_image_and_implicit_marker(tmp_path):
@@ -65,7 +61,8 @@ def test_captions_local_csv_and_parquet_urls(tmp_path, http_server):
     table = pa.table({"url": [f"{http_server.base}/ok.png", f"{http_server.base}/404.png"],
                       "caption": ["grey", "missing"]})
     pq.write_table(table, tmp_path / "caps.parquet")
-    stats = _convert("captions", tmp_path / "caps.parquet", "--download", "--retries", "0", "--out", tmp_path / "o2")
+    stats = _convert("captions", tmp_path / "caps.parquet", "--download", "--retries", "0", "--out", tmp_path / "o2",
+                     "--allow-private-addresses")  # the test server is on loopback, refused by default
     assert stats["written"] == 1 and stats["dropped"] == {"download_http_error": 1}
     (_, doc, imgs), = iter_docs(tmp_path / "o2")
     assert doc["content"][1]["text"] == "grey" and imgs == [png((9, 9, 9))]
@@ -127,7 +124,7 @@ def test_moscar_download_gaps_failures_and_resume(tmp_path, http_server):
     pq.write_table(_moscar_table(http_server.base, images, metadata_as_struct=False), src / "00000.parquet")
     out = tmp_path / "out"
     stats = _convert("moscar", src / "00000.parquet", "--download", "--workers", "4", "--timeout", "5",
-                     "--samples-per-shard", "2", "--out", out)
+                     "--samples-per-shard", "2", "--out", out, "--allow-private-addresses")
     assert stats["written"] == 2 and stats["dropped_all_images_failed"] == 1 and stats["partial_docs"] == 1
     assert stats["image_failures"] == {"http_error": 2}  # /missing.png (404) in doc 0 and doc 1
     assert http_server.hits["/c.png"] == 2  # retried after the 503
@@ -136,7 +133,8 @@ def test_moscar_download_gaps_failures_and_resume(tmp_path, http_server):
     # resume: finished blocks are skipped (no new requests); an unfinished block is redone
     (out / "00000-000001.done.json").unlink()
     hits = dict(http_server.hits)
-    stats = _convert("moscar", src / "00000.parquet", "--download", "--samples-per-shard", "2", "--out", out)
+    stats = _convert("moscar", src / "00000.parquet", "--download", "--samples-per-shard", "2", "--out", out,
+                     "--allow-private-addresses")
     assert stats["blocks_skipped"] == 1 and stats["written"] == 2
     assert http_server.hits["/a.png"] == hits["/a.png"]  # block 0 not fetched again
     _check_moscar(out)
@@ -162,7 +160,7 @@ def test_download_sha_mismatch_size_cap_and_timeout(http_server):
     http_server.routes["/x.png"] = (200, png())
     http_server.routes["/big.png"] = (200, png(size=(400, 400)))
     good = hashlib.sha512(png()).hexdigest()
-    fetcher = Fetcher(timeout=2, max_bytes=1000, retries=0, workers=3)
+    fetcher = Fetcher(timeout=2, max_bytes=1000, retries=0, workers=3, allow_private=True)
     results = fetcher.fetch_all([(f"{http_server.base}/x.png", good), (f"{http_server.base}/x.png", "0" * 128),
                                  (f"{http_server.base}/big.png", None), ("http://127.0.0.1:1/none.png", None)])
     assert results[0] == png()
@@ -170,9 +168,9 @@ def test_download_sha_mismatch_size_cap_and_timeout(http_server):
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
-    code = convert.main(["llava", str(tmp_path / "no.json"), "--images", str(tmp_path), "--out", str(tmp_path / "o")])
+    code = main(["convert", "llava", str(tmp_path / "no.json"), "--images", str(tmp_path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("mm: error: input not found") and len(err.strip().splitlines()) == 1
     (tmp_path / "x.parquet").write_bytes(b"")
-    assert convert.main(["moscar", str(tmp_path / "x.parquet"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["convert", "moscar", str(tmp_path / "x.parquet"), "--out", str(tmp_path / "o")]) == 2
     assert "exactly one of --images" in capsys.readouterr().err

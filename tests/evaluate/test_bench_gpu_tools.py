@@ -1,26 +1,17 @@
-"""The GPU benchmark's parts, run on CPU: the training-step MFU at a tiny size, and the stand-in LLM writer."""
-import importlib
+"""The GPU benchmark's parts, run on CPU: the training-step MFU at a tiny size, and the stand-in LLM writer.
+
+``tools.bench`` is imported from the repository root (``python -m pytest`` run there puts it on the path)."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
+from tools.bench import stand_in_llm as stand_in
+from tools.bench import train_gpu
 
 
-@pytest.fixture()
-def tools(monkeypatch):
-    monkeypatch.syspath_prepend(str(TOOLS))
-    yield
-    for name in ("bench_train_gpu", "stand_in_llm"):
-        sys.modules.pop(name, None)
-
-
-def test_train_mfu_runs_a_real_step_and_counts_flops(tools):
-    bench = importlib.import_module("bench_train_gpu")
-    result = bench.run(quick=True, device="cpu", size="tiny", compile=False)
+def test_train_mfu_runs_a_real_step_and_counts_flops():
+    result = train_gpu.run(quick=True, device="cpu", size="tiny", compile=False)
     assert 0 < result["mfu"] < 1 and result["mfu_with_attention"] > result["mfu"]
     assert result["tokens_per_step"] == result["rows"] * result["seq"] == 32
     seconds = result["step_s"]["eager"]
@@ -29,8 +20,7 @@ def test_train_mfu_runs_a_real_step_and_counts_flops(tools):
     assert result["best"] == "eager" and "compile_error" not in result
 
 
-def test_stand_in_has_the_shapes_and_tokenizer_of_the_original(tools, tmp_path, tiny_model):
-    stand_in = importlib.import_module("stand_in_llm")
+def test_stand_in_has_the_shapes_and_tokenizer_of_the_original(tmp_path, tiny_model):
     like = tmp_path / "like"
     tiny_model.llm.save_pretrained(like)
     tiny_model.tokenizer.save_pretrained(like)
@@ -49,8 +39,7 @@ def test_stand_in_has_the_shapes_and_tokenizer_of_the_original(tools, tmp_path, 
     assert json.loads((out / "config.json").read_text())["hidden_size"] == tiny_model.llm.config.hidden_size
 
 
-def test_stand_in_refuses_to_overwrite_real_weights(tools, tmp_path, tiny_model, capsys):
-    stand_in = importlib.import_module("stand_in_llm")
+def test_stand_in_refuses_to_overwrite_real_weights(tmp_path, tiny_model, capsys):
     real = tmp_path / "real"
     tiny_model.llm.save_pretrained(real)
     before = sorted((p.name, p.stat().st_size) for p in real.iterdir())

@@ -1,28 +1,23 @@
-"""tools/precompute_ref_logps.py and tools/plot_metrics.py on real shards and a real run's metrics."""
+"""``mm precompute-ref`` and ``mm plot`` on real shards and a real run's metrics."""
 from __future__ import annotations
 
 import json
 import math
-import sys
 
 import torch
 
 import mm
+from mm.cli import main
+from mm.commands.precompute_ref import precompute
 from mm.data import DataConfig, build_loader
 from mm.train.losses import DPOLoss
 
-from train_helpers import ROOT
-
-sys.path.insert(0, str(ROOT / "tools"))
-
 
 def test_precomputed_ref_logps_give_log2_for_the_reference_policy(corpus, tmp_path):
-    import precompute_ref_logps
-
     torch.manual_seed(0)
     model = mm.build(mm.ModelConfig())
     model.save(tmp_path / "ref")
-    n = precompute_ref_logps.precompute(str(tmp_path / "ref"), f"{corpus}/train/preference-*.tar", tmp_path / "out",
+    n = precompute(str(tmp_path / "ref"), f"{corpus}/train/preference-*.tar", tmp_path / "out",
                                         seq_len=96, progress=False)
     assert n == 48
     model = mm.load(tmp_path / "ref")
@@ -33,14 +28,13 @@ def test_precomputed_ref_logps_give_log2_for_the_reference_policy(corpus, tmp_pa
     assert abs(float(loss) - math.log(2)) < 1e-4, (float(loss), parts)
 
 
-def test_plot_metrics_writes_png(tmp_path):
-    import plot_metrics
-
+def test_plot_metrics_writes_png(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     rows = [{"step": s, "loss": 3 / s, "lm": 3 / s, "lr": 1e-3, "tokens_per_s": 100.0} for s in range(1, 6)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert plot_metrics.main([str(run)]) == 0
+    assert main(["plot", str(run)]) == 0
     png = (run / "metrics.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert plot_metrics.main([str(tmp_path / "missing")]) == 2
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("mm: error: ")

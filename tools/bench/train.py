@@ -13,7 +13,7 @@ this machine's fp32 matmul peak (a large ``torch.mm``, measured in the same run)
 non-pad token for a frozen-LLM stage (forward 2N + activation gradients 2N; N = LLM parameters without the
 input embedding).
 
-    python tools/bench_train.py [--quick] [--no-compile]
+    python -m tools.bench.train [--quick] [--no-compile]
 
 The 8 documents of a step are packed into rows of at most 128 tokens for ours (data.seq_len=128; longer rows
 cost more attention on CPU than they save).
@@ -23,28 +23,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 FLOP/s of ``torch.mm`` on n x n matrices (best of ``repeats``)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+from tools.bench.timing import matmul_peak, order, seconds
 
 
 def _tower_dir() -> Path:
@@ -184,12 +169,8 @@ def run(quick: bool = False, compile: bool | None = None) -> dict:
     for i in range(rounds + warmup):
         batch = next(batches)
         tokens = int(batch["attention_mask"].sum())
-        times = {}
-        for name in names if i % 2 == 0 else names[::-1]:  # alternate the order: drift hits both sides alike
-            start = time.perf_counter()
-            steps[name](batch)
-            times[name] = time.perf_counter() - start
-        peaks.append(matmul_peak())
+        times = {name: seconds(functools.partial(steps[name], batch)) for name in order(names, i)}
+        peaks.append(matmul_peak())  # fp32, 2048 x 2048, best of 5
         if i < warmup:
             continue
         for name in names:

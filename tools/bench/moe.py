@@ -8,56 +8,33 @@
    SmolLM2 with FFN experts on all layers) against the modular lite model (``timm:tf_efficientnet_lite0`` ->
    ``pool`` 7x7 = 49 tokens, SmolLM2) at the same number of image tokens.
 
-Interleaved repeats, medians, fp32, greedy. Ratios only: the machine's speed drifts.
+Interleaved repeats (order alternating), medians, fp32, greedy. Ratios only: the machine's speed drifts.
 
-    python tools/bench_moe.py [--quick] [--device cuda]
+    python -m tools.bench.moe [--quick] [--device cuda]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
-import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.bench.timing import interleaved, medians, synchronizer
 
 PROMPT = "Describe the image in one sentence."
 
 
-def _timer(device: str):
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-    return sync
-
-
-def _interleaved(calls: dict, repeats: int, sync) -> dict[str, float]:
-    """Median seconds per call of each named callable, calls interleaved round-robin."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            sync()
-            start = time.perf_counter()
-            call()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def bench_forward(repeats: int, device: str) -> dict:
     import mm
-    from mm.llm.base import LLMS
+    from mm.compose import build_llm
 
-    builder, arg = LLMS.get("smollm2-135m")
-    plain_llm, _ = builder(arg, mm.ModelConfig(llm="smollm2-135m"))
+    plain_llm, _ = build_llm(mm.ModelConfig(llm="smollm2-135m"))
     plain_llm = plain_llm.to(device).eval()
     torch.manual_seed(0)
-    model = mm.build(mm.ModelConfig(encoder="patch:64", adapter="pixel-shuffle", image_size=448, llm="smollm2-135m",
-                                    moe=mm.MoEConfig(ffn_experts=True, layers="all"))).to(device).eval()
+    model = mm.build(mm.ModelConfig(encoder={"name": "patch:64", "image_size": 448}, adapter="pixel-shuffle",
+                                    llm="smollm2-135m", moe=mm.MoEConfig(ffn_experts=True, layers="all")))
+    model = model.to(device).eval()
     width = plain_llm.config.hidden_size
     embeddings = torch.randn(1, 64 + 256 + 64, width, device=device) * 0.02  # [1, T, D]
     image_mask = torch.zeros(1, embeddings.shape[1], dtype=torch.bool, device=device)
@@ -76,13 +53,14 @@ def bench_forward(repeats: int, device: str) -> dict:
         reference = plain_llm(inputs_embeds=embeddings, use_cache=False).logits
         # BLAS may round a row differently when the GEMM has fewer rows (K=1536: ~1 ulp per matmul)
         diff = float((routed[..., :reference.shape[-1]] - reference).abs().max())
-        _interleaved({"plain": plain, "experts": experts}, 2, _timer(device))  # warm-up
-        medians = _interleaved({"plain": plain, "experts": experts}, repeats, _timer(device))
+        calls, sync = {"plain": plain, "experts": experts}, synchronizer(device)
+        interleaved(calls, 2, sync)  # warm-up
+        median = medians(interleaved(calls, repeats, sync))
     return {
         "sequence": "64 text + 256 image + 64 text tokens, batch 1",
-        "plain_forward_s": round(medians["plain"], 4),
-        "experts_forward_s": round(medians["experts"], 4),
-        "experts_vs_plain": round(medians["experts"] / medians["plain"], 3),
+        "plain_forward_s": round(median["plain"], 4),
+        "experts_forward_s": round(median["experts"], 4),
+        "experts_vs_plain": round(median["experts"] / median["plain"], 3),
         "max_abs_logit_diff_vs_plain": diff,
         "expert_params_m": round(sum(p.numel() for p in model.moe.parameters()) / 1e6, 1),
     }
@@ -93,10 +71,11 @@ def bench_first_token(repeats: int, device: str) -> dict:
     from PIL import Image
 
     torch.manual_seed(0)
-    mono = mm.build(mm.ModelConfig(encoder="patch", adapter="pixel-shuffle", image_size=196, llm="smollm2-135m",
-                                   moe=mm.MoEConfig(ffn_experts=True, layers="all"))).to(device).eval()
+    mono = mm.build(mm.ModelConfig(encoder={"name": "patch", "image_size": 196}, adapter="pixel-shuffle",
+                                   llm="smollm2-135m", moe=mm.MoEConfig(ffn_experts=True, layers="all")))
+    mono = mono.to(device).eval()
     torch.manual_seed(0)
-    lite = mm.build(mm.ModelConfig(encoder="timm:tf_efficientnet_lite0", adapter="pool", pool_size=7,
+    lite = mm.build(mm.ModelConfig(encoder="timm:tf_efficientnet_lite0", adapter={"name": "pool", "size": 7},
                                    llm="smollm2-135m")).to(device).eval()
     assert mono.tokens_per_image == lite.tokens_per_image == 49
     generator = torch.Generator().manual_seed(0)
@@ -106,17 +85,18 @@ def bench_first_token(repeats: int, device: str) -> dict:
         return lambda: model.generate(images=[image], prompt=PROMPT, max_new_tokens=1)
 
     calls = {"monolithic": first_token(mono), "lite": first_token(lite)}
-    _interleaved(calls, 2, _timer(device))  # warm-up
-    medians = _interleaved(calls, repeats, _timer(device))
+    sync = synchronizer(device)
+    interleaved(calls, 2, sync)  # warm-up
+    median = medians(interleaved(calls, repeats, sync))
 
     def vision_params(model):
         return sum(p.numel() for p in [*model.encoder.parameters(), *model.adapter.parameters()]) / 1e6
 
     return {
         "image_tokens": 49,
-        "monolithic_first_token_s": round(medians["monolithic"], 4),
-        "lite_first_token_s": round(medians["lite"], 4),
-        "monolithic_vs_lite": round(medians["monolithic"] / medians["lite"], 3),
+        "monolithic_first_token_s": round(median["monolithic"], 4),
+        "lite_first_token_s": round(median["lite"], 4),
+        "monolithic_vs_lite": round(median["monolithic"] / median["lite"], 3),
         "monolithic_vision_params_m": round(vision_params(mono), 2),
         "lite_vision_params_m": round(vision_params(lite), 2),
     }

@@ -1,11 +1,11 @@
 """Write a stand-in of a transformers LLM directory: the same config and tokenizer files, random weights.
 
-    python tools/stand_in_llm.py --like DIR_WITH_CONFIG_AND_TOKENIZER --out DIR [--seed 0]
+    python -m tools.bench.stand_in_llm --like DIR_WITH_CONFIG_AND_TOKENIZER --out DIR [--seed 0]
 
 For speed benchmarks on a machine that cannot fetch the real weights (a bare GPU machine with no hub access):
 the cost of a forward pass depends on the shapes and dtypes, never on the values. ``--like`` needs
 ``config.json`` and the tokenizer files only (a few MB, unlike the weights). The output holds a ``STAND_IN``
-marker file, which ``tools/bench_generate.py`` reports; nothing else reads it. Refuses to write into a directory
+marker file, which ``tools.bench.generate`` reports; nothing else reads it. Refuses to write into a directory
 that already holds weights.
 """
 from __future__ import annotations
@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="directory to write")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from mm.errors import MMError, report
 
     if not (args.like / "config.json").is_file():

@@ -2,10 +2,10 @@
 speedup of batched serving (``--max-batch 16``) over one-at-a-time serving (``--max-batch 1``).
 
 Both servers run side by side as real ``mm serve`` processes on 127.0.0.1 with the same saved model; load rounds
-alternate between them (interleaved) and each figure is the median over repeats. Bounded: a fixed request count
-per round and an overall deadline. Loopback only.
+alternate between them (interleaved, the order alternating) and each figure is the median over repeats. Bounded: a
+fixed request count per round and an overall deadline. Loopback only.
 
-    python tools/bench_serve.py [--quick] [--model tiny|lite]
+    python -m tools.bench.serve [--quick] [--model tiny|lite]
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from tools.bench.timing import order, paired_ratio
+
 MODELS = {
     "tiny": dict(encoder="tiny-vit", adapter="mlp", llm="tiny-llama"),
     "lite": dict(encoder="timm:tf_efficientnet_lite0", adapter="pool", llm="smollm2-135m"),
@@ -40,7 +42,7 @@ def _image_url(color: str) -> str:
 
 def _start(model_dir: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "mm.cli", "serve", "--model", str(model_dir), "--port", "0", "--model-name", "bench",
+        [sys.executable, "-m", "mm", "serve", "--model", str(model_dir), "--port", "0", "--model-name", "bench",
          "--max-batch", str(max_batch), "--max-queue", "512", "--batch-wait-ms", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -109,8 +111,9 @@ def run(quick: bool = False, model: str = "tiny") -> dict:
             rounds: dict[str, dict[int, list[dict]]] = {k: {c: [] for c in levels} for k in servers}
             for concurrency in levels:
                 total = max(4, 2 * concurrency) if quick else max(8, 4 * concurrency)
-                for _ in range(repeats):
-                    for kind, (_, url) in servers.items():  # interleaved: batched, single, batched, single...
+                for repeat in range(repeats):
+                    for kind in order(list(servers), repeat):
+                        url = servers[kind][1]
                         rounds[kind][concurrency].append(
                             asyncio.run(_round(url, concurrency, total, max_tokens, deadline)))
             stats = {kind: json.loads(httpx.get(url + "/health").text) for kind, (_, url) in servers.items()}
@@ -126,9 +129,8 @@ def run(quick: bool = False, model: str = "tiny") -> dict:
             for key in ("requests_per_s", "p50_s", "p95_s"):
                 result[f"{kind}_c{concurrency}_{key}"] = round(statistics.median(r[key] for r in runs), 4)
     for concurrency in levels:
-        ratios = [b["requests_per_s"] / s["requests_per_s"]
-                  for b, s in zip(rounds["batched"][concurrency], rounds["single"][concurrency])]
-        result[f"batching_speedup_c{concurrency}"] = round(statistics.median(ratios), 2)
+        rates = {kind: [r["requests_per_s"] for r in rounds[kind][concurrency]] for kind in servers}
+        result[f"batching_speedup_c{concurrency}"] = round(paired_ratio(rates["batched"], rates["single"]), 2)
     result["throughput_growth_c16_over_c1"] = round(
         result["batched_c16_requests_per_s"] / result["batched_c1_requests_per_s"], 2)
     return result

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Loader throughput and packing efficiency at the lite model's input (224 px, tf_efficientnet_lite0 transform,
 SmolLM2 tokenizer, 49 tokens per image with the mlp adapter).
 
@@ -7,6 +6,8 @@ Figures (one process, one worker = in-process iteration, medians over interleave
 - packed_efficiency / padded_efficiency: non-pad tokens / all tokens, packing into seq_len rows vs one
   document per row padded to the batch maximum, on a realistic length mix (captions, chats, interleaved);
 - packed_vs_padded_speed: loader samples/s with packing relative to padding.
+
+    python -m tools.bench.loader [--quick]
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.bench.timing import order
 
 WORDS = ("the a red blue green small large circle square shape image shows picture left right top bottom of in "
          "on with and there is are two three many people street car tree house sky water dog cat").split()
@@ -79,7 +80,7 @@ def write_corpus(out: Path, n: int, seed: int = 0) -> None:
 def lite_renderer(seq_len: int):
     """Tokenizer of smollm2-135m (tiny tokenizer if unavailable) + the lite encoder's transform, built without
     loading any weights."""
-    from mm.build import build_encoder
+    from mm.compose import build_encoder
     from mm.config import ModelConfig
     from mm.data import Renderer
     from mm.prompt import add_image_token
@@ -146,10 +147,11 @@ def run(quick: bool = False) -> dict:
     renderer, tokenizer_name, image_size = lite_renderer(seq_len)
     with tempfile.TemporaryDirectory() as tmp:
         write_corpus(Path(tmp), 200)
-        packed, padded = [], []
-        for _ in range(repeats):  # interleaved repeats
-            packed.append(_pass(renderer, tmp, True, seq_len, batch_size, n))
-            padded.append(_pass(renderer, tmp, False, seq_len, batch_size, n))
+        passes: dict[str, list[dict]] = {"packed": [], "padded": []}
+        for repeat in range(repeats):  # interleaved repeats, order alternating
+            for kind in order(list(passes), repeat):
+                passes[kind].append(_pass(renderer, tmp, kind == "packed", seq_len, batch_size, n))
+        packed, padded = passes["packed"], passes["padded"]
     med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
     return {
         "loader_samples_per_s": round(med(packed, "samples_per_s"), 1),

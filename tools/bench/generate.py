@@ -9,7 +9,7 @@ constant chat-template prefix kept from the warm-up call, ``ours_fast_no_prefix_
 Also: the decode rate as a fraction of the memory-bandwidth limit (LLM weight bytes per token / read bandwidth
 measured in the same run), and whether our fast path's tokens equal plain ``generate``'s.
 
-    python tools/bench_generate.py [--quick] [--device cuda] [--no-compile]
+    python -m tools.bench.generate [--quick] [--device cuda] [--no-compile]
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.bench.stand_in_llm import MARKER
+from tools.bench.timing import order, paired_ratio, seconds, synchronizer
 
 
 class TokenClock:
@@ -42,10 +42,9 @@ class TokenClock:
 
 
 def llm_weights() -> str:
-    """``stand-in`` when the cached SmolLM2 directory was written by ``tools/stand_in_llm.py`` (same config and
+    """``stand-in`` when the cached SmolLM2 directory was written by ``tools.bench.stand_in_llm`` (same config and
     tokenizer, random values: speed does not depend on them), else ``real``."""
     from mm.llm.smollm2 import cache_root
-    from stand_in_llm import MARKER
 
     return "stand-in (random values)" if (cache_root() / "smollm2-135m-instruct" / MARKER).exists() else "real"
 
@@ -54,7 +53,8 @@ def build_lite(device: str):
     import mm
 
     torch.manual_seed(0)
-    config = mm.ModelConfig(encoder="timm:tf_efficientnet_lite0", adapter="pool", pool_size=7, llm="smollm2-135m")
+    config = mm.ModelConfig(encoder="timm:tf_efficientnet_lite0", adapter={"name": "pool", "size": 7},
+                            llm="smollm2-135m")
     return mm.build(config).to(device).eval()
 
 
@@ -80,14 +80,7 @@ def build_peer(ours, device: str):
 def read_bandwidth(device: str, repeats: int = 7) -> float:
     """Bytes/s of streaming a 512 MiB tensor (larger than any cache) through a reduction."""
     x = torch.ones(128 * 1024 * 1024, device=device)  # 512 MiB fp32
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        x.sum()
-        sync()
-        times.append(time.perf_counter() - start)
+    times = [seconds(x.sum, synchronizer(device)) for _ in range(repeats)]
     del x
     return 128 * 1024 * 1024 * 4 / statistics.median(times)
 
@@ -106,10 +99,10 @@ def llm_weight_bytes(llm) -> int:
 def run(quick: bool = False, device: str = "cpu", compile: bool | None = None) -> dict:
     from PIL import Image
 
-    from mm.fast_generate import greedy_generate
+    from mm.fast_generate import decoder, greedy_generate
 
     compile = (not quick) if compile is None else compile
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     new_tokens, repeats = (12, 3) if quick else (40, 7)
     ours = build_lite(device)
     peer, image_token = build_peer(ours, device)
@@ -158,10 +151,9 @@ def run(quick: bool = False, device: str = "cpu", compile: bool | None = None) -
                     and outputs["ours_fast_no_prefix_reuse"][0].tolist() == plain_tokens)
     results = {name: {"first": [], "rate": []} for name in calls}
     bandwidths = []
-    order = list(calls)
     for repeat in range(repeats):
         bandwidths.append(read_bandwidth(device, repeats=3))
-        for name in order if repeat % 2 == 0 else order[::-1]:  # alternate: drift hits every variant alike
+        for name in order(list(calls), repeat):
             call = calls[name]
             clock = TokenClock(sync)
             sync()
@@ -174,8 +166,7 @@ def run(quick: bool = False, device: str = "cpu", compile: bool | None = None) -
     med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
 
     def paired(numerator: str, denominator: str, key: str) -> float:
-        """Median over repeats of the ratio within each repeat (both sides measured seconds apart)."""
-        return statistics.median(a / b for a, b in zip(results[numerator][key], results[denominator][key]))
+        return paired_ratio(results[numerator][key], results[denominator][key])
 
     bandwidth = statistics.median(bandwidths)
     weight_bytes = llm_weight_bytes(ours.llm)
@@ -184,7 +175,7 @@ def run(quick: bool = False, device: str = "cpu", compile: bool | None = None) -
         "generate_speedup": paired("ours_fast", "peer", "rate"),
         "first_token_speedup": paired("peer", "ours_fast", "first"),
         "first_token_speedup_no_prefix_reuse": paired("peer", "ours_fast_no_prefix_reuse", "first"),
-        "prefix_reuse_tokens": len(ours.llm.__dict__["_mm_prefix_kv"].ids),
+        "prefix_reuse_tokens": len(decoder(ours).prefix.ids),
         "generate_speedup_plain": paired("ours_plain", "peer", "rate"),
         "first_token_speedup_plain": paired("peer", "ours_plain", "first"),
         "decode_tok_s": {name: m["rate"] for name, m in med.items()},

@@ -3,25 +3,24 @@ width 896, vocabulary 151936) behind the tiny vision tower, every weight trainin
 the training loss every stage uses (``LMLoss``: LM head only at labelled positions), against the bf16 matmul peak
 measured in the same run.
 
-    python tools/bench_train_gpu.py [--quick] [--device cuda] [--no-compile]
+    python -m tools.bench.train_gpu [--quick] [--device cuda] [--no-compile]
 
 ``mfu`` counts 6 N FLOPs per token (N = LLM parameters, the tied embedding once, as the LM head);
 ``mfu_with_attention`` adds the attention's 12 * layers * width * seq per token (PaLM's count). The step runs eager
 and, unless ``compile=False``, with the decoder under ``torch.compile``; ``mfu`` is the better of the two.
-``tools/bench.py --device cuda`` runs this; ``size="tiny"`` runs the same code on CPU in seconds (tests use that).
+``python -m tools.bench --device cuda`` runs this; ``size="tiny"`` runs the same code on CPU in seconds (tests use
+that).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.bench.timing import matmul_peak, seconds, synchronizer
 
 SIZES = {  # llm config, batch rows, row length (quick halves both)
     "0.5b": (dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -31,31 +30,12 @@ SIZES = {  # llm config, batch rows, row length (quick halves both)
 }
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def matmul_peak(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
-    """FLOP/s of an n x n x n ``torch.mm`` in ``dtype`` (mean of ``repeats`` after three warm-ups)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
-
-
 def build_model(size: str, device: str, dtype: torch.dtype):
     """The tiny tower + MLP adapter + a random Qwen2 LLM of ``size``, all weights trainable, on ``device``."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     import mm
-    from mm.build import assemble, build_encoder
+    from mm.compose import assemble, build_encoder
     from mm.llm.tiny import build_tiny
 
     llm_config = Qwen2Config(**SIZES[size][0], max_position_embeddings=4096, tie_word_embeddings=True)
@@ -84,19 +64,13 @@ def time_steps(model, batch, device: str, warmup: int, steps: int) -> float:
 
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(step, synchronizer(device)) for _ in range(steps))
 
 
 def run(quick: bool = False, device: str = "cuda", size: str = "0.5b", compile: bool = True) -> dict:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    peak = matmul_peak(device, dtype, n=8192 if device.startswith("cuda") else 512, repeats=20)
+    # mean of 20 back-to-back products after 3 warm-ups
+    peak = matmul_peak(device, dtype, n=8192 if device.startswith("cuda") else 512, batch=20, rounds=1, warmup=3)
     model = build_model(size, device, dtype)
     llm_config = model.llm.config
     rows, seq = SIZES[size][1:]

@@ -7,20 +7,17 @@ LLM on the chat documents; steps and batch scaled down for CPU). Evaluation:
 greedy answers to ``DIR/val/qa.jsonl`` (images never seen in training). Chance = mean over questions of
 1 / |answer vocabulary of its type|; image-blind = always the most frequent training answer of the type.
 
-    python tools/learning_check.py [--quick] [--out runs/learning_check] [--align runs/default] [--steps N]
+    python -m tools.bench.learning_check [--quick] [--out runs/learning_check] [--align runs/default] [--steps N]
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
-import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _norm(text: str) -> str:

@@ -1,12 +1,12 @@
 """Run every benchmark of the project in one process; print one JSON object of figures; write the Markdown table.
 
-    python tools/bench.py [--quick] [--device cpu|cuda] [--modules bench_generate,...] [--markdown BENCHMARKS.md]
+    python -m tools.bench [--quick] [--device cpu|cuda] [--modules generate,train,...] [--markdown BENCHMARKS.md]
 
-Each ``tools/bench_<topic>.py`` has ``run(quick=False[, device=...]) -> dict``; a module that is missing or fails is
-skipped with its reason recorded. Headline figures are picked from the modules' results (see FIGURES) and each
-carries the machine it came from. With ``--device cuda`` the modules that take a ``device`` run on the GPU and
-``tools/bench_train_gpu.py`` adds the training-step MFU of a ~0.5B-parameter configuration (``gpu_mfu``); never
-used by tests.
+Each module ``tools.bench.<topic>`` has ``run(quick=False[, device=...]) -> dict``; a module that is missing or
+fails is skipped with its reason recorded. Headline figures are picked from the modules' results (see FIGURES)
+and each carries the machine it came from. With ``--device cuda`` the modules that take a ``device`` run on the
+GPU and ``tools.bench.train_gpu`` adds the training-step MFU of a ~0.5B-parameter configuration (``gpu_mfu``);
+never used by tests.
 """
 from __future__ import annotations
 
@@ -20,27 +20,23 @@ import sys
 import time
 import traceback
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+PACKAGE = "tools.bench"
+MODULES = ["generate", "train", "loader", "moe", "serve"]  # listed, not discovered
 
-MODULES = ["bench_generate", "bench_train", "bench_loader", "bench_moe", "bench_serve"]  # listed, not discovered
-
-# figure -> (goal, candidate "module:dotted.path" sources; the first present wins)
+# figure -> (goal, source): "module:dotted.key" of a module's result, or "a / b", the ratio of two such keys.
+# Each key is one its module emits (tests/evaluate/test_bench_runner.py checks the modules' source).
 FIGURES = {
-    "generate_speedup": (">= 1.5", ["bench_generate:generate_speedup"]),
-    "first_token_speedup": (">= 1.2", ["bench_generate:first_token_speedup"]),
-    "train_speedup": (">= 1.3", ["bench_train:train_speedup"]),
-    "packing_efficiency": (">= 0.95", ["bench_loader:packing_efficiency", "bench_loader:packed_efficiency"]),
-    "loader_headroom": (">= 2", ["bench_loader:loader_headroom", "bench_train:loader_headroom"]),
-    "moe_overhead": ("<= 1.15", ["bench_moe:moe_overhead", "bench_moe:forward.experts_vs_plain"]),
-    "mfu": (">= 0.75", ["bench_train:mfu"]),
-    "decode_bandwidth_fraction": ("", ["bench_generate:decode_bandwidth_fraction"]),
-    "gpu_mfu": ("", ["bench_train_gpu:mfu"]),  # --device cuda only: ~0.5B training step, bf16
+    "generate_speedup": (">= 1.5", "generate:generate_speedup"),
+    "first_token_speedup": (">= 1.2", "generate:first_token_speedup"),
+    "train_speedup": (">= 1.3", "train:train_speedup"),
+    "packing_efficiency": (">= 0.95", "loader:packed_efficiency"),
+    # the loader's samples/s over the training step's: how many steps' worth of data one loader process makes
+    "loader_headroom": (">= 2", "loader:loader_samples_per_s / train:train_samples_per_s"),
+    "moe_overhead": ("<= 1.15", "moe:forward.experts_vs_plain"),
+    "mfu": (">= 0.75", "train:mfu"),
+    "decode_bandwidth_fraction": ("", "generate:decode_bandwidth_fraction"),
+    "gpu_mfu": ("", "train_gpu:mfu"),  # --device cuda only: ~0.5B training step, bf16
 }
-# loader_headroom when no module reports it: loader samples/s over the training step's samples/s
-LOADER_RATE = ["bench_loader:loader_samples_per_s"]
-TRAIN_RATE = ["bench_train:train_samples_per_s", "bench_train:samples_per_s"]
 
 
 def machine() -> dict:
@@ -53,31 +49,36 @@ def machine() -> dict:
     return info
 
 
-def lookup(results: dict, source: str):
-    module, _, path = source.partition(":")
+def lookup(results: dict, key: str):
+    """The number at ``module:dotted.key`` of ``results``, or None."""
+    module, _, path = key.partition(":")
     value = results.get(module)
     for part in path.split("."):
         if not isinstance(value, dict) or part not in value:
             return None
         value = value[part]
-    return value
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def first(results: dict, sources: list[str]):
-    for source in sources:
-        value = lookup(results, source)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value, source
-    return None, None
+def value_of(results: dict, source: str):
+    """A figure's value: one key, or the ratio ``a / b`` of two keys; None when a key is missing."""
+    values = [lookup(results, key.strip()) for key in source.split(" / ")]
+    if any(v is None for v in values) or (len(values) == 2 and not values[1]):
+        return None
+    return values[0] if len(values) == 1 else values[0] / values[1]
+
+
+def source_modules(source: str) -> list[str]:
+    return [key.strip().partition(":")[0] for key in source.split(" / ")]
 
 
 def run_module(name: str, quick: bool, device: str) -> tuple[dict | None, str | None, float]:
     start = time.perf_counter()
     try:
-        module = importlib.import_module(name)
+        module = importlib.import_module(f"{PACKAGE}.{name}")
     except ModuleNotFoundError as exc:
-        if exc.name == name:
-            return None, f"tools/{name}.py does not exist yet", 0.0
+        if exc.name == f"{PACKAGE}.{name}":
+            return None, f"{PACKAGE}.{name} does not exist", 0.0
         return None, f"import failed: {exc}", 0.0
     kwargs = {"quick": quick}
     if "device" in inspect.signature(module.run).parameters:
@@ -100,8 +101,8 @@ def run_module(name: str, quick: bool, device: str) -> tuple[dict | None, str | 
 
 def collect(quick: bool, device: str, modules: list[str]) -> dict:
     results, skipped, seconds = {}, {}, {}
-    if device.startswith("cuda") and "bench_train_gpu" not in modules:
-        modules = modules + ["bench_train_gpu"]  # the ~0.5B training-step MFU: GPU runs only
+    if device.startswith("cuda") and "train_gpu" not in modules:
+        modules = modules + ["train_gpu"]  # the ~0.5B training-step MFU: GPU runs only
     for name in modules:
         result, reason, took = run_module(name, quick, device)
         seconds[name] = round(took, 1)
@@ -114,22 +115,14 @@ def collect(quick: bool, device: str, modules: list[str]) -> dict:
             print(f"bench: {name} done in {took:.0f} s: {json.dumps(result, default=str)}", file=sys.stderr)
     host = machine()
     report = {"device": device, "quick": quick, "machine": host}
-    for figure, (goal, sources) in FIGURES.items():
-        value, source = first(results, sources)
-        if value is None and figure == "loader_headroom":
-            loader, loader_src = first(results, LOADER_RATE)
-            train, train_src = first(results, TRAIN_RATE)
-            if loader is not None and train:
-                value, source = loader / train, f"{loader_src} / {train_src}"
-        module = source.partition(":")[0] if source else None
-        figure_machine = results.get(module, {}).get("machine", host) if module in results else host
+    for figure, (goal, source) in FIGURES.items():
+        value = value_of(results, source)
+        ran = [m for m in source_modules(source) if m in results]
+        figure_machine = results[ran[0]].get("machine", host) if ran else host
         report[figure] = {"value": value, "goal": goal, "source": source, "machine": figure_machine}
         if value is None:
-            reasons = {}
-            for s in sources:
-                name = s.partition(":")[0]
-                reasons[name] = skipped.get(name, "no such key" if name in results else "not run")
-            report[figure]["reason"] = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+            reasons = {m: skipped.get(m, "no such key" if m in results else "not run") for m in source_modules(source)}
+            report[figure]["reason"] = "; ".join(f"{m}: {why}" for m, why in reasons.items())
     report["results"] = results
     report["skipped"] = skipped
     report["seconds"] = seconds
@@ -148,7 +141,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Benchmarks",
         "",
-        f"Regenerated by `python tools/bench.py --markdown BENCHMARKS.md{' --quick' if report['quick'] else ''}"
+        f"Regenerated by `python -m tools.bench --markdown BENCHMARKS.md{' --quick' if report['quick'] else ''}"
         f"{' --device ' + report['device'] if report['device'] != 'cpu' else ''}`. Every ratio comes from this one "
         "run, ours and the peer interleaved in the same process; noisy figures are medians of repeats.",
         "",
@@ -163,7 +156,7 @@ def markdown(report: dict) -> str:
         value = "n/a" if row["value"] is None else f"{row['value']:.3f}"
         where = row["machine"]
         lines.append(f"| {figure} | {value} | {row['goal']} | {met(row['value'], row['goal'])} | "
-                     f"{row['source'] or row.get('reason', '')} | {where.get('cores')} cores, "
+                     f"{row['source'] if row['value'] is not None else row['reason']} | {where.get('cores')} cores, "
                      f"{where.get('torch_threads')} threads |")
     lines += ["", "## Details", ""]
     for name, result in report["results"].items():
@@ -188,10 +181,10 @@ def kept_section(path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens (a smoke run)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--modules", default=",".join(MODULES), help="comma-separated bench_* modules to run")
+    parser.add_argument("--modules", default=",".join(MODULES), help="comma-separated modules of tools.bench to run")
     parser.add_argument("--markdown", default=None, metavar="FILE", help="write the Markdown table to FILE")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda"):

@@ -1,0 +1,31 @@
+"""``mm export-hf``: export an mm model directory to a transformers LLaVA directory.
+
+    mm export-hf --model runs/sft/final --out llava-hf-dir
+
+The result loads with ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained``
+and gives mm's logits and greedy generations. Exportable: an ``hf:`` CLIP/SigLIP vision tower, a ``linear``
+or ``mlp`` adapter, no modality experts; anything else is refused with a message naming the part (exit 2).
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("export-hf", help="export an mm model to a transformers LLaVA directory",
+                                   description=__doc__)
+    parser.add_argument("--model", required=True, help="mm model directory (mm_config.json + weights)")
+    parser.add_argument("--out", required=True, help="directory to write the LLaVA checkpoint to")
+    parser.add_argument("--max-shard-size", default="4GB", help="safetensors shard size (default 4GB)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import mm
+    from mm.checkpoint import read_config
+    from mm.interop import check_exportable, export_llava
+
+    check_exportable(read_config(args.model))  # refuse before loading any weights
+    out = export_llava(mm.load(args.model), args.out, max_shard_size=args.max_shard_size)
+    print(f"wrote LLaVA checkpoint to {out}")
+    return 0
