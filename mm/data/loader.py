@@ -1,15 +1,19 @@
 """``build_loader``: shards -> training batches (the batch contract of mm.train).
 
 Pipeline per (rank, worker) "slot": shard lists of each source -> split by slot -> per-source sample streams
-(resampled forever or one pass) -> weighted mixing -> shuffle buffer -> parse + render + decode (bad samples
-skipped and counted) -> pack (or pad) -> collate. Every random choice comes from RNGs seeded by ``data.seed``
-and the slot, so a run is a pure function of (shards, config, world size, workers). Resuming with
-``skip_batches=N`` replays the stream without transforming images or collating and yields batch N onwards.
+(resampled forever or one pass) -> weighted mixing -> shuffle buffer -> parse + render + decode -> pack (or pad)
+-> collate. A document that cannot be used (bad data, another kind, too long) never reaches a batch: it is
+skipped, counted by reason with its shard and key (``loader.counter``, ``loader.metrics()``) and logged
+(rate-limited); ``data.max_consecutive_skips`` candidates in a row without a usable one stop the run with why,
+instead of a silent endless search. Every random choice comes from RNGs seeded by ``data.seed`` and the slot,
+so a run is a pure function of (shards, config, world size, workers). Resuming with ``skip_batches=N`` replays
+the stream without transforming images or collating and yields batch N onwards.
 """
 from __future__ import annotations
 
 import dataclasses
 import random
+from collections import Counter
 from typing import Any, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -73,19 +77,25 @@ class DocStream(IterableDataset):
             random.Random(f"{self.data.seed}/{index}/{epoch}").shuffle(order)  # same order in every slot
             by_shard = len(order) >= slots
             mine = order[slot::slots] if by_shard else order
-            position = 0
+            position = given = 0
             for path in mine:
                 try:
                     for sample in iter_members(path):
                         position += 1
                         if by_shard or (position - 1) % slots == slot:
+                            given += 1
                             yield sample
                 except TarError as exc:
-                    self.counter.record(BadSample("truncated_tar", str(exc)))
+                    self.counter.record(BadSample("truncated_tar", str(exc).removeprefix(f"{path}: "), shard=path))
             if not self.data.resample:
                 return
-            if position == 0:
-                raise MMError(f"source {index} ({shards[0]} ...) holds no readable samples; cannot resample it")
+            if given == 0:  # resampling would read these shards forever without yielding a sample
+                if position:
+                    raise MMError(f"source {index} ({shards[0]} ...) has {position} samples, fewer than the {slots} "
+                                  "readers (ranks x data.num_workers) that split it: use fewer workers or more data")
+                which = f"the {len(mine)} shards of reader {slot} of {slots}" if by_shard else "its shards"
+                raise MMError(f"source {index} ({shards[0]} ...): {which} hold no readable samples; cannot "
+                              "resample them")
             epoch += 1
 
     def _mixed(self, slot: int, slots: int) -> Iterator[dict]:
@@ -101,43 +111,22 @@ class DocStream(IterableDataset):
                 live.remove(i)
 
     # ----- documents --------------------------------------------------------------------------------------
-    def _item(self, sample: dict) -> Item | None:
-        doc, images = parse_sample(sample)
-        key = sample["__key__"]
-        if self.kind == "preference" and doc["kind"] != "preference" or \
-                self.kind in ("chat", "interleaved") and doc["kind"] != self.kind:
-            self.counter.dropped["other_kind"] += 1
-            return None
-        if self.kind == "preference":
-            rows = list(self.renderer.render_pair(doc))
-            keep = len(images)
-            if any(row.num_images != keep for row in rows) or any(
-                    all(label < 0 for label in row.labels) for row in rows):
-                decoded = None
-            else:
-                decoded = self.renderer.decode(images, key, keep)
-        else:
-            rows = [self.renderer.render_lm(doc)]
-            keep = rows[0].num_images
-            decoded = self.renderer.decode(images, key, keep)
-            if all(label < 0 for label in rows[0].labels):
-                decoded = None
-        if decoded is None:
-            self.counter.dropped["too_long"] += 1
-            return None
-        return Item(key, rows, decoded, doc.get("ref_logp"), {"kind": doc["kind"], "lang": doc.get("lang")})
-
     def _items(self, slot: int, slots: int) -> Iterator[Item]:
         rng = random.Random(f"{self.data.seed}/shuffle/{slot}")
+        streak = Streak(self.data.max_consecutive_skips, self.kind)
         for sample in shuffled(self._mixed(slot, slots), self.data.shuffle_buffer, rng):
+            doc = None
             try:
-                item = self._item(sample)
+                doc, images = parse_sample(sample)
+                item = self.renderer.item(sample["__key__"], doc, images, self.kind)
             except BadSample as exc:
+                exc.key, exc.shard = sample["__key__"], sample.get("__url__", "")
                 self.counter.record(exc)
+                streak.skip(exc, doc)
                 continue
             self.counter.ok()
-            if item is not None:
-                yield item
+            streak.reset()
+            yield item
         self.counter.check(final=True)
 
     def _groups(self, items: Iterator[Item]) -> Iterator[Any]:
@@ -161,9 +150,7 @@ class DocStream(IterableDataset):
             return collate_packed(group, self.pad_id, transform)
         return collate_rows(group, self.pad_id, transform)
 
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    def _batches(self, worker: int, workers: int) -> Iterator[dict]:
         logical = (worker + self.skip_batches) % workers  # DataLoader restarts its round robin at worker 0
         skip = len(range(logical, self.skip_batches, workers))
         slot, slots = self.rank * workers + logical, self.world_size * workers
@@ -172,22 +159,99 @@ class DocStream(IterableDataset):
             if index >= skip:
                 yield self.collate(group)
 
+    def __iter__(self) -> Iterator:
+        """Batches; in a DataLoader worker ``("batch", batch, worker, counts)``, then ``("done", None, ...)`` at the
+        end of a finite pass or ``("error", message, ...)`` on an MMError, so that the main process has every
+        worker's counts (even a worker without a batch) and a one-line error."""
+        info = get_worker_info()
+        if info is None:
+            yield from self._batches(0, 1)
+            return
+        try:
+            for batch in self._batches(info.id, info.num_workers):
+                yield "batch", batch, info.id, self.counter.summary()
+        except MMError as exc:
+            yield "error", str(exc), info.id, self.counter.summary()
+            return
+        yield "done", None, info.id, self.counter.summary()
+
+
+class Streak:
+    """Consecutive candidates that gave no usable document. ``limit`` of them in a row (0: no limit) raise
+    MMError saying what was skipped and why: a stream that can never yield a batch stops instead of hanging."""
+
+    def __init__(self, limit: int, kind: str):
+        self.limit, self.kind = limit, kind
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.reasons: Counter[str] = Counter()
+        self.kinds: Counter[str] = Counter()  # document kinds of the kind_mismatch skips
+        self.first: dict[str, BadSample] = {}
+
+    def skip(self, error: BadSample, doc: dict | None) -> None:
+        self.count += 1
+        self.reasons[error.reason] += 1
+        self.first.setdefault(error.reason, error)
+        if error.reason == "kind_mismatch" and doc is not None:
+            self.kinds[doc["kind"]] += 1
+        if self.limit and self.count >= self.limit:
+            raise MMError(self.message())
+
+    def message(self) -> str:
+        parts = []
+        for reason, n in self.reasons.most_common():
+            if reason == "kind_mismatch":
+                held = ", ".join(f"{v} {k}" for k, v in self.kinds.most_common())
+                why = f"the run reads {self.kind} documents, as stage.kind or the loss asks; these were {held}"
+            else:
+                why = f"e.g. {self.first[reason].where}: {self.first[reason].detail}"
+            parts.append(f"{n} {reason} ({why})")
+        return f"no usable document in the last {self.count} candidates: " + "; ".join(parts)
+
 
 class Loader:
     """An iterable of batches; each ``iter()`` starts the same deterministic stream again."""
 
     def __init__(self, dataset: DocStream, num_workers: int):
         self.dataset, self.num_workers = dataset, num_workers
+        self._worker_counts: dict[int, dict] = {}
 
     @property
     def counter(self) -> BadCounter:
-        return self.dataset.counter
+        """Skipped documents by reason, with examples (shard, key, detail), of the current iteration: this
+        process's, or the sum over DataLoader workers as of their latest batch."""
+        if self.num_workers == 0:
+            return self.dataset.counter
+        return BadCounter.merged(list(self._worker_counts.values()))
+
+    def metrics(self) -> dict[str, int]:
+        """``data/good``, ``bad/<reason>``, ``dropped/<reason>`` counts for the run's metrics."""
+        return self.counter.metrics()
 
     def __iter__(self) -> Iterator[dict]:
-        if self.num_workers == 0:
-            return iter(self.dataset)
-        return iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                               persistent_workers=False, prefetch_factor=2))
+        given = False
+        for batch in iter(self.dataset) if self.num_workers == 0 else self._from_workers():
+            given = True
+            yield batch
+        counter = self.counter
+        if not given and counter.good == 0 and counter.seen:  # a finite pass that had nothing usable
+            reasons = {**counter.bad, **counter.dropped}
+            parts = [f"{n} {reason} (e.g. {counter.example(reason)})" for reason, n in
+                     sorted(reasons.items(), key=lambda kv: -kv[1])]
+            raise MMError(f"no usable document in the {counter.seen} documents of the pass: " + "; ".join(parts))
+
+    def _from_workers(self) -> Iterator[dict]:
+        self._worker_counts = {}
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+                            prefetch_factor=2)
+        for tag, payload, worker, counts in loader:
+            self._worker_counts[worker] = counts
+            if tag == "error":
+                raise MMError(payload)
+            if tag == "batch":
+                yield payload
 
 
 def build_loader(data: DataConfig, model, rank: int = 0, world_size: int = 1, skip_batches: int = 0,
@@ -205,6 +269,8 @@ def build_loader(data: DataConfig, model, rank: int = 0, world_size: int = 1, sk
         raise MMError(f"rank {rank} is outside world_size {world_size}")
     if data.batch_size < 1 or data.seq_len < 1:
         raise MMError("data.batch_size and data.seq_len must be positive")
+    if data.max_consecutive_skips < 0:
+        raise MMError(f"data.max_consecutive_skips must be 0 (no limit) or positive, got {data.max_consecutive_skips}")
     if isinstance(model, Renderer):
         renderer = dataclasses.replace(model, seq_len=data.seq_len)
     else:

@@ -2,7 +2,11 @@
 
 Chat docs carry loss on assistant turns only; interleaved docs on all text (with EOS); image placeholders never.
 Truncation to ``seq_len`` never cuts an image's placeholder run in half: the partial image and everything after it
-are dropped; a document left without any loss token is dropped (counted as ``too_long``).
+are dropped. ``Renderer.item`` turns one parsed document into what the packer consumes, or raises ``BadSample``:
+``kind_mismatch`` (not the kind the run asks for), ``image_mismatch`` (its ``<image>`` markers, counted after
+rendering, do not match its images: a literal ``<image>`` in its text, say), ``no_target`` (no loss token at all),
+``too_long`` (no loss token left after truncation, or its first image does not fit), ``malformed_json`` (it
+cannot be rendered, the chat template refuses it), or an image reason (every image is decoded, even past a cut).
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from jinja2 import TemplateError
 
 from mm.data.bad import BadSample
 from mm.errors import MMError
@@ -24,6 +29,9 @@ class Sequence:
     ids: list[int]
     labels: list[int]
     num_images: int  # complete images kept after truncation
+    markers: int = 0  # <image> markers of the whole rendered document, before truncation
+    full_length: int = 0  # tokens of the whole document (placeholders expanded), before truncation
+    targets: int = 0  # loss tokens of the whole document, before truncation
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -42,39 +50,47 @@ class Item:
 
 @dataclass
 class Renderer:
-    """Everything the loader takes from the model (picklable, so DataLoader workers get a copy, not the model)."""
+    """Everything the loader takes from the model (picklable, so DataLoader workers get a copy, not the model).
+    With a tiling layout (``mm.layouts``), an item's images are its kept images' tiles in token order."""
 
     tokenizer: Any
     image_token_id: int
     tokens_per_image: int
     transform: Callable | None  # PIL RGB -> [3, H, W]
     seq_len: int
+    tiler: Any = None  # mm.layouts.ImageTiler: each image's tiles and token span (None: one tile per image)
 
     @classmethod
     def from_model(cls, model, seq_len: int) -> "Renderer":
-        return cls(model.tokenizer, model.image_token_id, model.tokens_per_image, model.encoder.transform, seq_len)
+        return cls(model.tokenizer, model.image_token_id, model.tokens_per_image, model.encoder.transform, seq_len,
+                   model.image_tiler)
 
     # ----- text -------------------------------------------------------------------------------------------
-    def _expand(self, ids: list[int], labels: list[int]) -> Sequence:
-        out_ids, out_labels, starts = [], [], []
+    def _expand(self, ids: list[int], labels: list[int], spans: list[list[int]] | None = None) -> Sequence:
+        """Each ``<image>`` marker -> its span (``spans[i]``: the layout's tile tokens and separators; default
+        ``tokens_per_image`` image tokens), unlabelled; cut to ``seq_len`` only where no span is split."""
+        out_ids, out_labels, runs = [], [], []  # runs: (start, length) of each image's span
         for token, label in zip(ids, labels):
             if token == self.image_token_id:
-                starts.append(len(out_ids))
-                out_ids.extend([token] * self.tokens_per_image)
-                out_labels.extend([IGNORE] * self.tokens_per_image)
+                span = spans[len(runs)] if spans is not None and len(runs) < len(spans) else \
+                    [token] * self.tokens_per_image
+                runs.append((len(out_ids), len(span)))
+                out_ids.extend(span)
+                out_labels.extend([IGNORE] * len(span))
             else:
                 out_ids.append(token)
                 out_labels.append(label)
         cut = len(out_ids)
         if cut > self.seq_len:
             cut = self.seq_len
-            for start in starts:
-                if start < cut < start + self.tokens_per_image:
+            for start, length in runs:
+                if start < cut < start + length:
                     cut = start  # never keep part of an image
-        kept = sum(1 for start in starts if start + self.tokens_per_image <= cut)
-        return Sequence(out_ids[:cut], out_labels[:cut], kept)
+        kept = sum(1 for start, length in runs if start + length <= cut)
+        targets = sum(1 for label in out_labels if label != IGNORE)
+        return Sequence(out_ids[:cut], out_labels[:cut], kept, len(runs), len(out_ids), targets)
 
-    def render_lm(self, doc: dict[str, Any]) -> Sequence:
+    def render_lm(self, doc: dict[str, Any], spans: list[list[int]] | None = None) -> Sequence:
         """Chat (and preference as chat with the chosen answer) or interleaved -> one row."""
         try:
             if doc["kind"] == "interleaved":
@@ -84,19 +100,61 @@ class Renderer:
                 if doc["kind"] == "preference":
                     messages.append({"role": "assistant", "content": _answer(doc["chosen"])})
                 ids, labels = render_chat(self.tokenizer, messages)
-        except (MMError, KeyError, TypeError, AttributeError) as exc:
+        except _RENDER_ERRORS as exc:
             raise BadSample("malformed_json", f"cannot render document: {exc}") from None
-        return self._expand(ids, labels)
+        return self._expand(ids, labels, spans)
 
-    def render_pair(self, doc: dict[str, Any]) -> tuple[Sequence, Sequence]:
+    def render_pair(self, doc: dict[str, Any], spans: list[list[int]] | None = None) -> tuple[Sequence, Sequence]:
         try:
             rows = []
             for side in ("chosen", "rejected"):
                 messages = list(doc["messages"]) + [{"role": "assistant", "content": _answer(doc[side])}]
-                rows.append(self._expand(*render_chat(self.tokenizer, messages)))
-        except (MMError, KeyError, TypeError, AttributeError) as exc:
+                rows.append(self._expand(*render_chat(self.tokenizer, messages), spans))
+        except _RENDER_ERRORS as exc:
             raise BadSample("malformed_json", f"cannot render preference pair: {exc}") from None
         return rows[0], rows[1]
+
+    # ----- documents --------------------------------------------------------------------------------------
+    def item(self, key: str, doc: dict[str, Any], images: list[bytes], kind: str) -> Item:
+        """One parsed document -> an ``Item`` for loader kind ``kind`` ("lm", "chat", "interleaved",
+        "preference"), images decoded; raises ``BadSample`` for a document this run must not use."""
+        wanted = ("chat", "interleaved", "preference") if kind == "lm" else (kind,)
+        if doc["kind"] not in wanted:
+            raise BadSample("kind_mismatch", f"kind {doc['kind']}; the run reads {kind}")
+        decoded = self.decode(images, key, len(images))  # every image, so a bad one is found past a cut
+        tiled, spans = self.lay_out(decoded)
+        rows = list(self.render_pair(doc, spans)) if kind == "preference" else [self.render_lm(doc, spans)]
+        for row in rows:
+            if row.markers != len(images):
+                raise BadSample("image_mismatch", f"{row.markers} {IMAGE_TOKEN} markers after rendering but "
+                                f"{len(images)} image(s) (a literal {IMAGE_TOKEN} in its text?)")
+        for row in rows:
+            if row.targets == 0:
+                raise BadSample("no_target", "no token to learn from (an interleaved document without text, a "
+                                "conversation without an assistant turn)")
+            if images and row.num_images == 0:
+                raise BadSample("too_long", f"{row.full_length} tokens; its first image does not fit in "
+                                f"seq_len={self.seq_len}")
+            if row.num_images != rows[0].num_images:  # a pair's two sides must keep the same images
+                raise BadSample("too_long", f"{row.full_length} tokens; seq_len={self.seq_len} cuts the chosen "
+                                "and rejected answers at different images")
+            if all(label < 0 for label in row.labels):
+                raise BadSample("too_long", f"{row.full_length} tokens; no loss token left within "
+                                f"seq_len={self.seq_len}")
+        kept = rows[0].num_images
+        pictures = decoded[:kept] if tiled is None else self.tiler.tiles(tiled[:kept])  # what the encoder sees
+        return Item(key, rows, pictures, doc.get("ref_logp"), {"kind": doc["kind"], "lang": doc.get("lang")})
+
+    def lay_out(self, images: list) -> tuple[list | None, list[list[int]] | None]:
+        """The document's images laid out by the model's layout, and each one's token span; ``(None, None)`` when
+        every image is one tile of ``tokens_per_image`` tokens (the ``fixed`` layout, or no tiler)."""
+        if self.tiler is None or not images or self.tiler.layout.static:
+            return None, None
+        try:
+            tiled = self.tiler.lay_out(images)
+        except MMError as exc:  # the layout's max_image_tokens cannot fit these images even at one tile each
+            raise BadSample("too_many_image_tokens", str(exc)) from None
+        return tiled, self.tiler.spans(tiled)
 
     # ----- images -----------------------------------------------------------------------------------------
     def decode(self, images: list[bytes], key: str, keep: int) -> list:
@@ -106,6 +164,9 @@ class Renderer:
     def pixels(self, images: list) -> torch.Tensor:
         """PIL images -> ``[I, 3, H, W]`` with the encoder's transform."""
         return torch.stack([self.transform(image) for image in images])
+
+
+_RENDER_ERRORS = (MMError, KeyError, TypeError, AttributeError, ValueError, TemplateError)
 
 
 def _answer(answer: Any) -> str:

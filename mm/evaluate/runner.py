@@ -5,14 +5,15 @@
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import IO, Iterable, Iterator
 
 from tqdm import tqdm
 
 from mm.evaluate.caption_metrics import bleu, cider_d
 from mm.evaluate.choice import option_logprobs
-from mm.evaluate.samples import EvalSample
+from mm.data.bad import BadCounter
+from mm.evaluate.samples import EvalSample, describe_skipped
 from mm.evaluate.vqa_metrics import vqa_accuracy
 from mm.errors import MMError
 
@@ -38,9 +39,11 @@ def evaluate(
     mc_score: str = "sum",
     predictions: IO[str] | None = None,
     progress: bool = True,
-    skipped: Counter | None = None,
+    skipped: BadCounter | None = None,
 ) -> dict:
-    """Metrics of ``model`` on ``samples`` for ``task`` (caption | vqa | mc). Generation is greedy."""
+    """Metrics of ``model`` on ``samples`` for ``task`` (caption | vqa | mc). Generation is greedy.
+    ``skipped`` (filled by ``read_samples``) goes into the metrics: ``"skipped"`` counts by reason,
+    ``"skipped_documents"`` one ``{"key", "shard", "reason", "detail"}`` row per skipped document."""
     if batch_size < 1 or max_new_tokens < 1:
         raise MMError("batch size and max new tokens must be at least 1")
     records: list[dict] = []
@@ -67,12 +70,15 @@ def evaluate(
         bar.update(len(batch))
     bar.close()
     if not records:
-        raise MMError("no evaluable documents were read" + (f" (skipped: {dict(skipped)})" if skipped else ""))
+        why = describe_skipped(skipped) if skipped is not None else ""
+        raise MMError("no evaluable documents were read" + (f" ({why})" if why else ""))
     metrics = _metrics(task, records)
     if predictions is not None and task != "mc":  # caption scores need the whole corpus (CIDEr's idf)
         for record in records:
             predictions.write(json.dumps(record, ensure_ascii=False) + "\n")
-    metrics["skipped"] = dict(skipped or {})
+    skipped = skipped or BadCounter()
+    metrics["skipped"] = {**skipped.bad, **skipped.dropped}
+    metrics["skipped_documents"] = skipped.documents()
     return metrics
 
 

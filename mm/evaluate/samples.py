@@ -8,14 +8,14 @@ See docs/eval.md.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from PIL import Image
 
+from mm.data.bad import BadCounter, BadSample
 from mm.errors import MMError
-from mm.prompt import content_text
+from mm.prompt import IMAGE_TOKEN, content_text, count_images
 
 TASKS = ("caption", "vqa", "mc")
 
@@ -72,16 +72,16 @@ def to_sample(key: str, doc: dict[str, Any], images: list[Image.Image], task: st
     return sample
 
 
-def read_samples(spec: str, task: str, skipped: Counter | None = None) -> Iterator[EvalSample]:
-    """Eval samples from shards (a directory, glob, brace pattern or file). Unreadable documents (bad image,
-    malformed JSON, truncated tar...) are skipped and counted by reason in ``skipped``."""
-    from mm.data.bad import BadSample
+def read_samples(spec: str, task: str, skipped: BadCounter | None = None) -> Iterator[EvalSample]:
+    """Eval samples from shards (a directory, glob, brace pattern or file). A document that cannot be evaluated
+    (bad image, malformed JSON, ``<image>`` markers that do not match its images, missing what ``task`` needs,
+    truncated tar...) is skipped and recorded in ``skipped`` with its reason, shard and key."""
+    from mm.data.render import open_checked
     from mm.data.shards import TarError, iter_members, list_shards, parse_sample
-    from mm.images import open_image
 
     if task not in TASKS:
         raise MMError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    skipped = Counter() if skipped is None else skipped
+    skipped = BadCounter(keep=None) if skipped is None else skipped
     for path in list_shards(spec):
         members = iter_members(path)
         while True:
@@ -89,16 +89,39 @@ def read_samples(spec: str, task: str, skipped: Counter | None = None) -> Iterat
                 raw = next(members)
             except StopIteration:
                 break
-            except TarError:
-                skipped["truncated_tar"] += 1
+            except TarError as exc:
+                skipped.record(BadSample("truncated_tar", str(exc).removeprefix(f"{path}: "), shard=path))
                 break
+            key = raw["__key__"]
             try:
                 doc, blobs = parse_sample(raw)
-                images = [open_image(blob, name=f"{raw['__key__']} image {i}") for i, blob in enumerate(blobs)]
+                images = [open_checked(blob, f"{key}.{i}") for i, blob in enumerate(blobs)]
+                try:
+                    sample = to_sample(key, doc, images, task)
+                except MMError as exc:
+                    raise BadSample("task_mismatch", str(exc).removeprefix(f"eval document {key}: ")) from None
+                except (KeyError, TypeError, AttributeError) as exc:
+                    raise BadSample("malformed_json", f"cannot read it as an eval document: {exc!r}") from None
+                try:
+                    markers = count_images(sample.messages)
+                except (MMError, KeyError, TypeError, AttributeError) as exc:
+                    raise BadSample("malformed_json", f"cannot read its prompt: {exc}") from None
+                if markers != len(images):
+                    raise BadSample("image_mismatch", f"its prompt has {markers} {IMAGE_TOKEN} markers but "
+                                    f"{len(images)} image(s)")
             except BadSample as exc:
-                skipped[exc.reason] += 1
+                exc.key, exc.shard = key, path
+                skipped.record(exc)
                 continue
-            except MMError:
-                skipped["bad_image"] += 1
-                continue
-            yield to_sample(raw["__key__"], doc, images, task)
+            skipped.ok()
+            yield sample
+
+
+def describe_skipped(skipped: BadCounter) -> str:
+    """``3 skipped: task_mismatch=3 (e.g. document doc000 of vqa.tar: ...)``, or "" when nothing was skipped."""
+    counts = {**skipped.bad, **skipped.dropped}
+    if not counts:
+        return ""
+    top = max(counts, key=counts.__getitem__)
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    return f"{sum(counts.values())} skipped: {reasons} (e.g. {skipped.example(top)})"

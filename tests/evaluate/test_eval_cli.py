@@ -69,7 +69,7 @@ def test_caption(tiny_model_dir, shards, tmp_path, capsys):
     assert code == 0
     metrics = json.loads(stdout)
     assert metrics == json.loads(out.read_text())
-    assert metrics["n"] == 3 and metrics["skipped"] == {"bad_image": 1}  # shard 1's second doc has a broken image
+    assert metrics["n"] == 3 and metrics["skipped"] == {"corrupt_image": 1}  # shard 1, doc001: a broken image
     rows = read_predictions(out)
     assert [r["references"] for r in rows] == [["a red circle", "a small red shape"], ["two blue squares"], ["a green star"]]
     hyps, refs = [r["prediction"] for r in rows], [r["references"] for r in rows]
@@ -129,4 +129,34 @@ def test_bad_data(tiny_model_dir, shards, tmp_path, capsys):
     code, _, err = run_cli(base + ["--data", str(tmp_path / "nothing"), "--task", "vqa"], capsys)
     assert code == 2 and "no shards found" in err
     code, _, err = run_cli(base + ["--data", str(shards / "vqa.tar"), "--task", "mc"], capsys)  # no options
-    assert code == 2 and "options" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("mm: error: no evaluable documents in ") and "3 skipped: task_mismatch=3" in err
+    assert "document doc000 of " in err and "task mc needs 'options'" in err
+
+
+def test_bad_documents_are_reported_by_key_and_good_predictions_kept(tiny_model_dir, tmp_path, capsys):
+    from mm.data import ShardWriter
+
+    docs = {"good0": (chat_doc("what colour?", "red"), png((200, 0, 0))),
+            "marker": (chat_doc("a literal <image> here: what colour?", "red"), png((0, 0, 200))),
+            "broken": (chat_doc("what colour?", "blue"), b"not an image"),
+            "good1": (chat_doc("how many?", "two"), png((0, 200, 0))),
+            "noanswer": (chat_doc("what colour?"), png((0, 200, 200))),
+            "good2": (chat_doc("is it big?", "yes"), png((90, 90, 90)))}
+    with ShardWriter(tmp_path / "shards", "vqa", 100) as writer:
+        for key, (doc, image) in docs.items():
+            writer.add(key, doc, [image])
+    shard = str(writer.written[0])
+    out = tmp_path / "vqa.json"
+    code, _, err = run_cli(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "shards"), "--task",
+                            "vqa", "--batch-size", "2", "--max-new-tokens", "3", "--out", str(out), "--no-progress"],
+                           capsys)
+    assert code == 0, err
+    assert [r["key"] for r in read_predictions(out)] == ["good0", "good1", "good2"]
+    metrics = json.loads(out.read_text())
+    assert metrics["n"] == 3
+    assert metrics["skipped"] == {"image_mismatch": 1, "corrupt_image": 1, "task_mismatch": 1}
+    assert sorted((d["key"], d["shard"], d["reason"]) for d in metrics["skipped_documents"]) == [
+        ("broken", shard, "corrupt_image"), ("marker", shard, "image_mismatch"), ("noanswer", shard, "task_mismatch")]
+    for key, reason in (("marker", "image_mismatch"), ("broken", "corrupt_image"), ("noanswer", "task_mismatch")):
+        assert sum(line.startswith(f"mm: skipped {key} of {shard}: {reason}: ") for line in err.splitlines()) == 1
