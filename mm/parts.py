@@ -7,7 +7,7 @@ from importlib import import_module, metadata
 
 from mm.registry import Registry
 
-KINDS = ("encoder", "adapter", "llm", "loss", "router")
+KINDS = ("encoder", "adapter", "llm", "loss", "router", "layout")
 _plugins_loaded = False
 
 
@@ -44,4 +44,8 @@ def registry(kind: str) -> Registry:
         from mm.moe.routers import ROUTERS
 
         return ROUTERS
+    if kind == "layout":
+        from mm.layouts import LAYOUTS
+
+        return LAYOUTS
     raise ValueError(f"unknown part kind {kind!r}; kinds: {', '.join(KINDS)}")

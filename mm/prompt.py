@@ -2,7 +2,8 @@
 
 Messages follow the content-part convention of transformers chat templates:
 ``{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}`` (a plain string is fine too).
-Each image part becomes one ``<image>`` marker, later expanded to the adapter's token count.
+Each image part becomes one ``<image>`` marker, later expanded to the image's tokens: the adapter's token count
+per tile of its layout, with the layout's separators (mm/layouts).
 """
 from __future__ import annotations
 
@@ -92,19 +93,51 @@ def render_plain(
 
 
 def expand_images(
-    ids: list[int], labels: list[int], image_token_id: int, tokens_per_image: int
+    ids: list[int], labels: list[int], image_token_id: int, tokens_per_image: int | None = None,
+    spans: list[list[int]] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Repeat each ``<image>`` id ``tokens_per_image`` times; placeholders never carry loss."""
+    """Replace each ``<image>`` id by its span: ``tokens_per_image`` image ids, or, per image in order, its ids in
+    ``spans`` (a laid-out image's tile tokens and separators). Nothing in a span carries loss."""
+    if spans is not None:
+        marked = ids.count(image_token_id)
+        if marked != len(spans):
+            raise MMError(f"the prompt has {marked} image markers but {len(spans)} laid-out images")
+    elif tokens_per_image is None:
+        raise MMError("expand_images needs tokens_per_image or spans")
+    pending = iter(spans) if spans is not None else None
     out_ids: list[int] = []
     out_labels: list[int] = []
     for token, label in zip(ids, labels):
         if token == image_token_id:
-            out_ids.extend([image_token_id] * tokens_per_image)
-            out_labels.extend([IGNORE] * tokens_per_image)
+            span = next(pending) if pending is not None else [image_token_id] * tokens_per_image
+            out_ids.extend(span)
+            out_labels.extend([IGNORE] * len(span))
         else:
             out_ids.append(token)
             out_labels.append(label)
     return out_ids, out_labels
+
+
+def truncate_images(ids: list[int], labels: list[int], image_token_id: int, spans: list[list[int]],
+                    seq_len: int) -> tuple[list[int], list[int], int]:
+    """``expand_images`` with ``spans``, then cut to ``seq_len`` tokens without splitting an image's span (its
+    tiles and separators): a cut inside one drops that image and everything after it. Returns the ids, labels
+    and how many images were kept whole (the data loader's hook for laid-out images)."""
+    out_ids, out_labels = expand_images(ids, labels, image_token_id, spans=spans)
+    starts, position = [], 0
+    pending = iter(spans)
+    for token in ids:
+        if token == image_token_id:
+            starts.append((position, len(next(pending))))
+            position += starts[-1][1]
+        else:
+            position += 1
+    cut = min(seq_len, len(out_ids))
+    for start, length in starts:
+        if start < cut < start + length:
+            cut = start
+    kept = sum(1 for start, length in starts if start + length <= cut)
+    return out_ids[:cut], out_labels[:cut], kept
 
 
 def user_message(prompt: str, num_images: int) -> dict[str, Any]:

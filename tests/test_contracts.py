@@ -22,12 +22,12 @@ PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text
           {"role": "assistant", "content": "a red square"}]
 
 
-def lm_batch(model) -> dict[str, torch.Tensor]:
+def lm_batch(model, image: Image.Image = IMAGE) -> dict[str, torch.Tensor]:
     """One row, unpacked: the loader's contract (input ids with expanded image tokens, labels, pixels)."""
-    ids, labels = model.tokenize(PROMPT, add_generation_prompt=False)
+    ids, labels = model.tokenize(PROMPT, add_generation_prompt=False, images=[image])
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
             "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-            "position_ids": torch.arange(len(ids)).unsqueeze(0), "pixel_values": model.preprocess([IMAGE])}
+            "position_ids": torch.arange(len(ids)).unsqueeze(0), "pixel_values": model.preprocess([image])}
 
 
 def preference_batch(model) -> dict:
@@ -165,6 +165,30 @@ def test_every_llm_family(tmp_path):
         return problems + check_model(config, workdir, "adapter.*")
 
     run_contract("llm", tmp_path, check)
+
+
+def test_every_image_layout(tmp_path):
+    """Each layout on a wide image: its tiles' tokens reach the LLM, save/load keeps the layout, one step trains."""
+    wide = Image.new("RGB", (120, 30), (20, 200, 90))
+
+    def check(section, workdir):
+        config = mm.ModelConfig(encoder="tiny-vit", adapter="mlp", llm="tiny-llama", layout=section)
+        torch.manual_seed(0)
+        model = mm.build(config).eval()
+        batch = lm_batch(model, wide)
+        tiles = batch["pixel_values"].shape[0]
+        image_tokens = int((batch["input_ids"] == model.image_token_id).sum())
+        problems = []
+        if image_tokens != tiles * model.tokens_per_image:
+            problems.append(f"{image_tokens} image tokens for {tiles} tiles of {model.tokens_per_image}")
+        first = logits(model, batch)
+        model.save(workdir / "saved")
+        loaded = mm.load(workdir / "saved")
+        if loaded.config.layout != model.config.layout or not torch.equal(first, logits(loaded, batch)):
+            problems.append("save/load changed the layout or the logits")
+        return problems
+
+    run_contract("layout", tmp_path, check)
 
 
 def test_every_moe_router(tmp_path):

@@ -2,7 +2,8 @@ import pytest
 
 from mm.errors import MMError
 from mm.llm.tiny import build_tiny
-from mm.prompt import IGNORE, IMAGE_TOKEN, add_image_token, expand_images, render_chat, render_plain, user_message
+from mm.prompt import (IGNORE, IMAGE_TOKEN, add_image_token, expand_images, render_chat, render_plain, truncate_images,
+                       user_message)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,30 @@ def test_expand_images_repeats_placeholders_without_loss():
     ids, labels = expand_images([5, 9, 6, 9], [5, IGNORE, 6, IGNORE], image_token_id=9, tokens_per_image=3)
     assert ids == [5, 9, 9, 9, 6, 9, 9, 9]
     assert labels == [5, IGNORE, IGNORE, IGNORE, 6, IGNORE, IGNORE, IGNORE]
+
+
+def test_expand_images_with_laid_out_spans():
+    spans = [[9, 9, 1, 9, 9], [9]]  # a tiled image with a separator, then a one-tile image
+    ids, labels = expand_images([5, 9, 6, 9], [5, IGNORE, 6, IGNORE], image_token_id=9, spans=spans)
+    assert ids == [5, 9, 9, 1, 9, 9, 6, 9]
+    assert labels == [5] + [IGNORE] * 5 + [6, IGNORE]  # the separator carries no loss either
+    with pytest.raises(MMError, match="2 image markers but 1 laid-out images"):
+        expand_images([5, 9, 6, 9], [5, IGNORE, 6, IGNORE], image_token_id=9, spans=spans[:1])
+
+
+def test_truncation_never_splits_an_image_span():
+    ids, labels = [5, 9, 6, 9, 7], [5, IGNORE, 6, IGNORE, 7]
+    spans = [[9, 9, 1, 9, 9], [9, 1, 9]]  # expanded: 5 | 9 9 1 9 9 | 6 | 9 1 9 | 7  (11 tokens)
+    for seq_len in range(1, 13):
+        out, out_labels, kept = truncate_images(ids, labels, 9, spans, seq_len)
+        full, _ = expand_images(ids, labels, 9, spans=spans)
+        assert out == full[: len(out)] and len(out) <= seq_len and len(out_labels) == len(out)
+        ends = [6, 10]  # each image's span ends before these positions
+        assert kept == sum(end <= len(out) for end in ends)
+        starts = [1, 7]
+        assert not any(start < len(out) < end for start, end in zip(starts, ends)), seq_len  # no partial span
+    assert truncate_images(ids, labels, 9, spans, 4)[0] == [5]  # the cut fell inside the first image
+    assert truncate_images(ids, labels, 9, spans, 8)[0:3:2] == ([5, 9, 9, 1, 9, 9, 6], 1)
 
 
 def test_prompt_markers_must_match_image_count():

@@ -23,15 +23,17 @@ def option_logprobs(model, questions: list[Question], chat: bool = True, reduce:
         raise MMError(f"option score {reduce!r} must be 'sum' or 'mean'")
     tokenizer = model.tokenizer
     rows: list[tuple[list[int], int, int]] = []  # (ids, option start, question index)
-    all_images: list[Image.Image] = []
+    tiles: list[torch.Tensor] = []  # per question: its images' tiles [n_q, 3, H, W] in token order
     for q, (messages, images, options) in enumerate(questions):
-        prompt, _ = model.tokenize(messages, chat=chat, add_generation_prompt=True)
+        laid_out = model.layout_images(images) if images else []
+        prompt, _ = model.tokenize(messages, chat=chat, add_generation_prompt=True, images=laid_out)
         for option in options:
             option_ids = tokenizer(option, add_special_tokens=False)["input_ids"]
             if not option_ids:
                 raise MMError(f"option {option!r} is empty after tokenisation")
             rows.append((prompt + option_ids, len(prompt), q))
-        all_images.extend(images)
+        if laid_out:
+            tiles.append(model.preprocess(laid_out))
     width = max(len(ids) for ids, _, _ in rows)
     pad = tokenizer.pad_token_id
     device = model.device
@@ -40,12 +42,14 @@ def option_logprobs(model, questions: list[Question], chat: bool = True, reduce:
 
     is_image = input_ids == model.image_token_id  # [R, T]
     embeddings = model.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # [R, T, D]
-    if all_images:
-        features = model.encode_images(model.preprocess(all_images).to(device))  # [I, M, D], once per question
+    if tiles:
+        features = model.encode_images(torch.cat(tiles).to(device))  # [tiles, M, D], once per question
         per_question, start = [], 0
+        counts = iter(len(t) for t in tiles)
         for messages, images, _ in questions:
-            per_question.append(features[start : start + len(images)].flatten(0, 1))  # [n_q * M, D]
-            start += len(images)
+            count = next(counts) if images else 0
+            per_question.append(features[start : start + count].flatten(0, 1))  # [n_q * M, D]
+            start += count
         spliced = torch.cat([per_question[q] for _, _, q in rows])  # [R * n_q * M, D] in row order
         if spliced.shape[0] != int(is_image.sum()):
             raise MMError(f"image placeholder tokens ({int(is_image.sum())}) do not match image features "
