@@ -2,9 +2,9 @@
 
     mm plot RUN [RUN2 ...] [--out curves.png] [--keys loss,lm,lr]
 
-By default: every loss term (with its held-out ``eval/<term>`` dashed on the same panel), then grad_norm, lr and
-tokens/s. ``--keys`` draws exactly those panels (``loss`` still carries ``eval/loss``; ``eval/loss`` alone is
-its own panel).
+By default: the loss, then each loss term (each with its held-out ``eval/<term>`` dashed on the same panel), other
+eval metrics (``eval/vqa/accuracy``), then grad_norm, lr and tokens/s. ``--keys`` draws exactly those panels
+(``loss`` still carries ``eval/loss``; ``eval/loss`` alone is its own panel).
 """
 from __future__ import annotations
 
@@ -32,17 +32,29 @@ def read_metrics(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise MMError(f"{path} not found (is {run} a training run directory?)")
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise MMError(f"{path}: not JSON lines: {exc}") from None
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise MMError(f"{path}:{number}: not a JSON line: {exc}") from None
+        if not isinstance(row, dict) or not _number(row.get("step")):
+            raise MMError(f"{path}:{number}: not a metrics row (a JSON object with a numeric step)")
+        rows.append({key: value for key, value in row.items() if _number(value)})  # numbers only are drawn
+    return rows
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def panels(runs: list[list[dict]], keys: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """``[(panel, [metric, ...])]``: each panel once; a train term's panel also carries ``eval/<term>``."""
     logged = {k for rows in runs for row in rows for k in row if k not in NOT_CURVES}
     if keys is None:
-        terms = sorted(k for k in logged if "/" not in k and k not in SYSTEM)
+        terms = sorted((k for k in logged if "/" not in k and k not in SYSTEM), key=lambda k: (k != "loss", k))
         paired = {f"eval/{k}" for k in terms}
         keys = terms + sorted(k for k in logged if "/" in k and k not in paired) + [k for k in SYSTEM if k in logged]
     out = []
@@ -57,6 +69,8 @@ def plot(runs: list[Path], out: Path, keys: list[str] | None = None) -> Path:
     """One panel per metric (see ``panels``); one colour per run, held-out curves dashed."""
     data = {run: read_metrics(run) for run in runs}
     layout = panels(list(data.values()), keys)
+    if not layout:
+        raise MMError(f"no numeric metrics to draw in {', '.join(str(run / 'metrics.jsonl') for run in runs)}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,7 +102,14 @@ def plot(runs: list[Path], out: Path, keys: list[str] | None = None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out or args.runs[0] / "metrics.png"
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from mm.train.preflight import writable_file
+
+    out = writable_file(args.out or args.runs[0] / "metrics.png", "--out")
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:
+        raise MMError(f"--out {out}: give a file name ending in one of .{', .'.join(sorted(formats))}")
     keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
     print(plot(args.runs, out, keys))
     return 0

@@ -9,6 +9,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -25,6 +26,49 @@ from mm.serve.protocol import (APIError, RequestRules, bad, chunk, completion, c
 from mm.serve.remote import RemotePolicy
 
 log = logging.getLogger("mm.serve")
+access_log = logging.getLogger("mm.serve.access")
+
+
+class AccessLog:
+    """One line per request on ``mm.serve.access`` once its response has ended (a stream at its last byte):
+    client, method, path (no query, no body), status, duration. A request that ended without a response (the
+    client left) logs status ``-``."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status: list = ["-"]
+
+        async def observe(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observe)
+        except BaseException:
+            if status[0] == "-":
+                status[0] = 500
+            raise
+        finally:
+            client = scope.get("client") or ("-", 0)
+            access_log.info('%s:%s "%s %s" %s %.1f ms', client[0], client[1], scope["method"], scope["path"],
+                            status[0], (time.perf_counter() - start) * 1000)
+
+
+def _default_access_handler() -> None:
+    """Access lines to stderr unless the process configured the logger (or the root logger) itself."""
+    if access_log.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
 
 
 @dataclass
@@ -44,6 +88,7 @@ class ServeSettings:
     remote_deadline: float = 10.0  # seconds per remote image, redirects included
     ui: bool = False  # serve the web demo at /
     compile: bool = False  # torch.compile greedy decoding, compiled before the server starts
+    model_path: str | None = None  # the served directory; /health and the demo show its name, never the path
 
     @property
     def max_body_bytes(self) -> int:
@@ -104,6 +149,7 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="mm serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
+    directory = Path(settings.model_path).resolve().name if settings.model_path else None
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -130,11 +176,11 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.model_name, "max_batch": engine.max_batch,
+        return {"status": "ok", "model": settings.model_name, "model_dir": directory, "max_batch": engine.max_batch,
                 "max_queue": engine.max_queue, **engine.snapshot()}
 
     def model_card():
-        return {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "mm"}
+        return {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "mm", "root": directory}
 
     @app.get("/v1/models")
     async def models():
@@ -158,8 +204,11 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
         if req.text_chars > max_chars:  # before tokenising: a 95 MB text once took the server down
             raise bad(f"the messages hold {req.text_chars} characters of text, more than this model's context of "
                       f"{limit} tokens can take", code="context_length_exceeded", param="messages")
+        # the images first: a tiling layout (mm.layouts) gives each image a token count that depends on its size
+        images = await load_images(req.image_urls, settings.max_image_bytes, settings.max_pixels, keep_side, remote)
         try:
-            prompt_tokens = len((await run_in_threadpool(model.tokenize, req.messages))[0])
+            laid_out = await run_in_threadpool(model.layout_images, images) if images else []
+            prompt_tokens = len((await run_in_threadpool(model.tokenize, req.messages, True, True, laid_out))[0])
         except MMError as exc:
             raise bad(str(exc), param="messages") from None
         except TemplateError as exc:  # e.g. "roles must alternate user/assistant"
@@ -168,7 +217,6 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
         if prompt_tokens + max_tokens > limit:
             raise bad(f"this model's context is {limit} tokens; the messages take {prompt_tokens} (images included) "
                       f"and max_tokens asks for {max_tokens} more", code="context_length_exceeded", param="messages")
-        images = await load_images(req.image_urls, settings.max_image_bytes, settings.max_pixels, keep_side, remote)
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -196,6 +244,8 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
         async def index():
             return page
 
+    _default_access_handler()
+    app.add_middleware(AccessLog)  # outermost of ours: it times the whole request, refusals included
     return app
 
 

@@ -29,6 +29,7 @@ def settings_from_args(args: argparse.Namespace):
         parse_allowed(entry)  # a malformed entry is an MMError naming it
     return ServeSettings(
         model_name=args.model_name or Path(args.model).resolve().name,
+        model_path=args.model,
         api_key=args.api_key or None,
         max_batch=args.max_batch,
         max_queue=args.max_queue,

@@ -3,6 +3,7 @@ DeepSpeed on CPU): a planted bad document is skipped and named, never fatal; a s
 ends the run with one line instead of hanging."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -55,6 +56,8 @@ def test_training_skips_a_document_with_an_extra_image_marker_and_names_it(shard
     named = [r.getMessage() for r in caplog.records if "image_mismatch" in r.getMessage()]
     assert len(named) == 1, named
     assert "document planted of " + str(shards["planted"] / "cap-000000.tar") in named[0]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["bad/image_mismatch"] >= 1 and logged[-1]["data/good"] > 0  # the counts reach the metrics
 
 
 def test_seq_len_too_small_for_any_document_stops_training_with_why(shards, tmp_path):
