@@ -85,6 +85,9 @@ class ModelConfig:
     encoder: Part = part_field("encoder", "tiny-vit")
     adapter: Part = part_field("adapter", "mlp")
     llm: Part = part_field("llm", "tiny-llama")
+    # how an image becomes encoder tiles: "fixed" (one image, one tile), {name: dynamic, max_tiles: 12} (InternVL),
+    # {name: anyres, grids: [[1, 2], ...]} (LLaVA-NeXT); see docs/images.md
+    layout: Part = part_field("layout", "fixed")
     freeze_llm: bool = True
     freeze_encoder: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 
 @dataclass
@@ -10,10 +9,12 @@ class DataConfig:
     """Training data: shard sources with mixture weights, batching and packing.
 
     ``train`` is a shard directory, a glob, or a list of them; ``weights`` (same length) mixes the sources.
+    ``val`` (same forms) holds held-out documents: one pass, unweighted, for the eval loss.
     """
 
-    train: Any = None  # str | list[str]
+    train: str | list[str] | None = None  # a shard directory, glob, or a list of them
     weights: list[float] | None = None
+    val: str | list[str] | None = None  # held-out shards (like train) for the eval loss (trainer.eval_every)
     batch_size: int = 4  # rows per step (per process)
     seq_len: int = 512  # tokens per row
     pack: bool = True  # pack several documents per row (block-diagonal attention)
@@ -23,3 +24,4 @@ class DataConfig:
     seed: int = 0
     max_bad_fraction: float = 0.05  # end the run when more than this fraction of samples is bad
     bad_min_seen: int = 100  # judge the bad fraction only after this many samples (or at the end of a pass)
+    max_consecutive_skips: int = 1000  # stop when this many documents in a row are unusable (0 = never stop)

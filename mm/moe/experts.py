@@ -66,6 +66,7 @@ class ModalityExperts(nn.Module):
         self._mask: torch.Tensor | None = None  # [B, T] bool: the current call's image positions
         self._pass: _Pass | None = None  # the routing of the decoder's current (or last) pass
         self._balance: list[torch.Tensor] = []
+        self.lockstep = False  # run every expert in every pass (set through MultimodalModel.lockstep)
 
     # ----- routing state ----------------------------------------------------------------------------------
     @contextlib.contextmanager

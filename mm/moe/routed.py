@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 
-def dispatch(x: torch.Tensor, routes: list[tuple[torch.Tensor, Callable]]) -> torch.Tensor:
-    """Run each callable on its own rows of ``x`` ``[..., D]``; ``routes`` = ``(flat row indices [n], fn)``
-    covering every row exactly once. Returns ``[..., Dout]``."""
+def dispatch(x: torch.Tensor, routes: list[tuple[torch.Tensor, Callable]], every: bool = False) -> torch.Tensor:
+    """Run each callable on its own rows of ``x`` ``[..., D]``, in order; ``routes`` = ``(flat row indices [n],
+    fn)`` covering every row exactly once; ``every``: a route without rows runs too, on zero rows.
+    Returns ``[..., Dout]``."""
     flat = x.reshape(-1, x.shape[-1])  # [N, D]
-    outs = [(index, fn(flat.index_select(0, index))) for index, fn in routes if index.numel()]
+    outs = [(index, fn(flat.index_select(0, index))) for index, fn in routes if index.numel() or every]
     first = outs[0][1]
     out = first.new_empty(flat.shape[0], first.shape[-1])  # [N, Dout]
     for index, y in outs:
@@ -33,7 +34,9 @@ class ModalityForward:
     """Image-token rows -> ``expert``; text rows -> the module's own forward (static modality routing).
 
     Which rows are image tokens is ``owner.split(x)`` (mm/moe/experts.py): None outside a routed call, for
-    text-only inputs and for generated tokens, and then every row takes the text path.
+    text-only inputs and for generated tokens, and then every row takes the text path. With ``owner.lockstep``
+    (training) the expert and then the module's own path both run in every pass, a path without rows on zero
+    rows, so that ZeRO-3 ranks call the same modules in the same order (``MultimodalModel.lockstep``).
     """
 
     def __init__(self, module: nn.Module, expert: nn.Module, owner, expert_name: str):
@@ -44,12 +47,16 @@ class ModalityForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., Dout]
         split = self.owner.split(x)
+        every = self.owner.lockstep
+        if split is None and every:
+            rows = torch.arange(x.shape[:-1].numel(), device=x.device)  # every row is text
+            split = (rows[:0], rows)
         if split is None:
             return self.text(x)
         image_rows, text_rows = split
-        if not text_rows.numel():
+        if not text_rows.numel() and not every:
             return self.expert(x)
-        return dispatch(x, [(image_rows, self.expert), (text_rows, self.text)])
+        return dispatch(x, [(image_rows, self.expert), (text_rows, self.text)], every)
 
     def __repr__(self) -> str:
         return f"ModalityForward(image tokens -> {self.expert_name})"
@@ -58,7 +65,8 @@ class ModalityForward:
 class TopKForward:
     """Every token -> its ``top_k`` of ``experts`` (upcycled FFN copies) chosen by a learned ``router``, outputs
     mixed by the renormalised router probabilities (MoE-LLaVA style). The module's own FFN weights are not used.
-    The load-balancing term of each call is handed to ``owner.record_balance``."""
+    The load-balancing term of each call is handed to ``owner.record_balance``. With ``owner.lockstep``
+    (training) an expert that no token chose runs on zero rows."""
 
     def __init__(self, router: nn.Linear, experts: nn.ModuleList, owner, top_k: int, expert_name: str):
         self.router = router
@@ -75,7 +83,7 @@ class TopKForward:
         out = None
         for e, expert in enumerate(self.experts):
             rows, slot = (top_i == e).nonzero(as_tuple=True)  # tokens that chose expert e, and in which slot
-            if not rows.numel():
+            if not rows.numel() and not self.owner.lockstep:
                 continue
             y = expert(flat.index_select(0, rows)) * gates[rows, slot].unsqueeze(-1)  # [n, D]
             out = torch.zeros(flat.shape[0], y.shape[-1], dtype=y.dtype, device=y.device) if out is None else out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import mm
 from mm.errors import MMError
@@ -11,7 +12,9 @@ from mm.train.losses.base import auxiliary_losses
 
 
 def build_student(config: TrainConfig):
-    """``init_from`` (its saved architecture wins; ``model.*`` is ignored) or ``mm.build(config.model)``."""
+    """``init_from`` (its saved architecture wins; ``model.*`` is ignored) or ``mm.build(config.model)``, made
+    ready to train: every pass calls every module (``lockstep``, which ZeRO-3 needs), activation checkpointing
+    when ``trainer.gradient_checkpointing``."""
     torch.manual_seed(config.trainer.seed)  # fresh adapters (and tiny towers) initialise identically on every rank
     if config.init_from:
         model = mm.load(resolve_model_dir(config.init_from))
@@ -20,8 +23,59 @@ def build_student(config: TrainConfig):
 
             model.config.moe = config.model.moe
             attach_experts(model, config.model.moe)
-        return model
-    return mm.build(config.model)
+    else:
+        model = mm.build(config.model)
+    model.lockstep = True
+    if config.trainer.gradient_checkpointing:
+        checkpoint_activations(model)
+    return model
+
+
+def checkpoint_activations(model) -> None:
+    """Activation (gradient) checkpointing: in a pass with grad enabled, each decoder layer of the LLM keeps only
+    its inputs and is recomputed in backward (non-reentrant ``torch.utils.checkpoint``), and so are the blocks of
+    a transformers vision tower; a timm or open_clip tower gets its library's own ``set_grad_checkpointing``.
+
+    The layers are the ones transformers declares checkpointable (``GradientCheckpointingLayer``). transformers'
+    own switch is not used: it checkpoints only layers in training mode, and a frozen LLM stays in eval mode
+    (``train_mode_where_trained``) while gradients still cross it to the adapter, experts or LoRA. Non-reentrant
+    checkpointing needs no input that requires grad, and recomputes modality / top-k experts with the routing of
+    the forward being differentiated (docs/moe.md). A frozen tower runs under ``no_grad``
+    (``MultimodalModel.encode_images``): there is nothing to recompute; a tower without blocks to checkpoint
+    (``patch``: one convolution) runs as is."""
+    if not checkpoint_layers(model.llm):
+        raise MMError(f"trainer.gradient_checkpointing: {type(model.llm).__name__} has no layer transformers "
+                      "declares checkpointable (GradientCheckpointingLayer)")
+    if checkpoint_layers(model.encoder):
+        return
+    for module in model.encoder.modules():
+        if callable(getattr(module, "set_grad_checkpointing", None)):
+            module.set_grad_checkpointing(True)
+            return
+
+
+def checkpoint_layers(module: torch.nn.Module) -> int:
+    """Wrap the forward of every ``GradientCheckpointingLayer`` under ``module`` in ``Recomputed``; the count."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        if not isinstance(layer.forward, Recomputed):
+            layer.forward = Recomputed(layer.forward)  # an instance attribute: module hooks stay outside
+    return len(layers)
+
+
+class Recomputed:
+    """A layer's forward whose activations are recomputed in backward when grad is enabled; a plain call
+    otherwise (inference, validation)."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
 
 
 def apply_lora(model, config: TrainConfig) -> None:
@@ -37,6 +91,22 @@ def apply_lora(model, config: TrainConfig) -> None:
         raise MMError(f"lora.target_modules {missing} are not modules of the LLM")
     model.llm = get_peft_model(model.llm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                      target_modules=list(lora.target_modules), bias="none"))
+
+
+def choose_attention(config: TrainConfig, model) -> None:
+    """``data.pack``: set the attention path the LLM runs packed rows with on this run's device and precision
+    (mm/llm/attention.py: flash varlen, SDPA per document, or the LLM's own document mask), probed on two packed
+    documents, and state it once. MMError when the LLM cannot keep documents apart. Call before ``compile_decoder``."""
+    if not config.data.pack:
+        return
+    import torch.distributed as dist
+
+    from mm.llm.attention import use_packed_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    line = use_packed_attention(model.llm, device, half=config.trainer.precision == "bf16")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(line, flush=True)
 
 
 def compile_decoder(model, config: TrainConfig) -> None:

@@ -2,12 +2,12 @@
 
 ``train(config)`` builds the student, applies LoRA and the stage, starts the DeepSpeed engine, resumes from the
 newest complete checkpoint of ``output_dir`` (engine state + data position), steps to ``trainer.max_steps``
-with a progress bar (loss, tokens/s, ETA), JSON-lines and TensorBoard metrics, periodic checkpoints, and writes
-``output_dir/final``.
+(or through ``trainer.epochs`` passes) with a progress bar (loss, tokens/s, ETA), metrics (``mm.train.metrics``:
+JSON lines and the ``report_to`` trackers, ``grad_norm`` included), the held-out loss on ``data.val`` every
+``trainer.eval_every`` steps (``mm.train.validation``), periodic checkpoints, and writes ``output_dir/final``.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,10 +20,15 @@ import yaml
 from mm.config import to_dict
 from mm.errors import MMError
 from mm.train import checkpoints
-from mm.train.build import TrainModule, apply_lora, build_loss, build_student, compile_decoder, frozen_models
+from mm.train.build import TrainModule, apply_lora, build_checked_loss, build_student, compile_decoder
 from mm.train.config import TrainConfig, validate
 from mm.train.engine import initialize, init_distributed
+from mm.train.epochs import epoch_batches, epoch_of, plan_epochs
+from mm.train.metrics import Metrics, grad_norm
+from mm.train.preflight import preflight
+from mm.train.resume import Resume
 from mm.train.stage import apply_stage, parameter_table, parse_trainable, train_mode_where_trained
+from mm.train.validation import EvalTasks, Validation
 
 
 def _to(batch: Any, device, dtype) -> Any:
@@ -45,52 +50,17 @@ def count_tokens(batch: dict, pad_id: int) -> int:
     return int((batch["input_ids"] != pad_id).sum())
 
 
-def build_batches(config: TrainConfig, model, skip_batches: int) -> Iterable[dict]:
+def build_batches(config: TrainConfig, model, skip_batches: int, loss_kind: str | None,
+                  passes: list[int] | None = None) -> Iterable[dict]:
+    """The training stream; with ``passes`` (micro-batches per pass, ``trainer.epochs``), those passes in turn."""
     from mm.data import build_loader
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    kind = config.stage.kind or ("preference" if config.stage.loss == "dpo" else None)
+    kind = config.stage.kind or loss_kind
+    if passes is not None:
+        return epoch_batches(config.data, model, kind, passes, skip_batches)
     return build_loader(config.data, model, rank=rank, world_size=world, skip_batches=skip_batches, kind=kind)
-
-
-class Metrics:
-    """JSON lines + TensorBoard in the run dir (rank 0). On resume, lines after the resumed step are dropped."""
-
-    def __init__(self, run: Path, start_step: int, enabled: bool):
-        self.enabled = enabled
-        self.path = run / "metrics.jsonl"
-        self.writer = None
-        if not enabled:
-            return
-        if self.path.exists():
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= start_step:
-                        kept.append(line)
-                except json.JSONDecodeError:  # a line cut short by a crash
-                    continue
-            self.path.write_text("".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run / "tb"), purge_step=start_step + 1 if start_step else None)
-        except ImportError:  # pragma: no cover
-            self.writer = None
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"train/{key}", value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def save_resolved(config: TrainConfig, run: Path) -> None:
@@ -100,10 +70,14 @@ def save_resolved(config: TrainConfig, run: Path) -> None:
     tmp.replace(run / "config.yaml")
 
 
-def train(config: TrainConfig, batches: Iterable[dict] | None = None, progress: bool = True) -> Path:
+def train(config: TrainConfig, batches: Iterable[dict] | None = None, progress: bool = True,
+          allow_config_change: bool = False) -> Path:
     """Run (or resume) a stage. ``batches`` replaces ``mm.data.build_loader`` (tests, benchmarks): it must
-    already start at the resumed position. Returns ``output_dir/final``."""
+    already start at the resumed position. ``allow_config_change`` resumes under a config whose changes the
+    resume check would refuse (mm/train/resume.py). Returns ``output_dir/final``."""
     validate(config, need_data=batches is None)
+    resume = Resume(config, Path(config.output_dir), allow_config_change)  # a changed config: before any build
+    preflight(config, need_data=batches is None)  # before DeepSpeed and any weight: a typo fails in seconds
     init_distributed()
     rank = dist.get_rank()
     world = dist.get_world_size()
@@ -120,7 +94,12 @@ def train(config: TrainConfig, batches: Iterable[dict] | None = None, progress: 
     apply_lora(model, config)
     groups = apply_stage(model, parse_trainable(config.stage.trainable, t.lr))
     compile_decoder(model, config)
-    loss_fn = build_loss(config, model)
+    loss_fn = build_checked_loss(config, model)
+    resume.record_base(model, loss_fn)  # digest of the frozen weights, before ZeRO-3 partitions them
+    passes = None
+    if t.epochs:  # the LR schedule and the stop need the run's length: count each pass's batches now
+        passes, t.max_steps = plan_epochs(config.data, model, config.stage.kind or loss_fn.data_kind, t.epochs,
+                                          t.grad_accum, t.max_steps)
     if rank == 0:
         save_resolved(config, run)
         checkpoints.clean_partial(run)
@@ -128,21 +107,20 @@ def train(config: TrainConfig, batches: Iterable[dict] | None = None, progress: 
     engine = initialize(TrainModule(model, loss_fn), groups, config)
     model = engine.module.model
     compute_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-    for frozen in frozen_models(loss_fn):
+    for frozen in loss_fn.frozen_models().values():
         frozen.to(engine.device, compute_dtype)
     train_mode_where_trained(engine.module)
 
-    start_step, resumed = 0, checkpoints.latest(run)
-    if resumed is not None:
-        state = checkpoints.load_checkpoint(engine, resumed[1])
-        start_step = state["step"]
-        if rank == 0:
-            print(f"resuming from {resumed[1]} (step {start_step})", flush=True)
+    start_step = resume.load(engine)  # newest complete checkpoint that loads; 0 for a fresh run
     if batches is None:
-        batches = build_batches(config, model, skip_batches=start_step * t.grad_accum)
+        batches = build_batches(config, model, skip_batches=start_step * t.grad_accum, loss_kind=loss_fn.data_kind,
+                                passes=passes)
     iterator: Iterator[dict] = iter(batches)
 
-    metrics = Metrics(run, start_step, enabled=rank == 0)
+    metrics = Metrics(run, start_step, enabled=rank == 0, report_to=t.report_to, params=to_dict(config))
+    validation = Validation(config, model, config.stage.kind or loss_fn.data_kind) if config.data.val else None
+    tasks = EvalTasks(t.eval_tasks) if t.eval_tasks else None
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -154,7 +132,9 @@ def train(config: TrainConfig, batches: Iterable[dict] | None = None, progress: 
         sums: dict[str, float] = {}
         tokens = 0
         lr = engine.get_lr()[0]  # the rate this step's update uses
-        for _ in range(t.grad_accum):
+        log_due = step % t.log_every == 0 or step == t.max_steps
+        own_norm = None
+        for micro in range(t.grad_accum):
             try:
                 batch = next(iterator)
             except StopIteration:
@@ -162,25 +142,41 @@ def train(config: TrainConfig, batches: Iterable[dict] | None = None, progress: 
             tokens += count_tokens(batch, pad_id)
             loss, parts = engine(_to(batch, engine.device, compute_dtype))
             engine.backward(loss)
+            if log_due and micro == t.grad_accum - 1 and engine.zero_optimization_stage() == 0:
+                own_norm = grad_norm(trainable)  # DeepSpeed gives none without ZeRO: the grads before the step
             engine.step()
             for key, value in {"loss": loss.detach(), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) / t.grad_accum
         window_tokens += tokens
-        if step % t.log_every == 0 or step == t.max_steps:
+        if log_due:
             counted = torch.tensor([window_tokens], dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(counted)
             elapsed = max(time.perf_counter() - window_start, 1e-9)
             values = {**sums, "lr": lr, "tokens_per_s": float(counted) / elapsed}
             norm = engine.get_global_grad_norm()
+            norm = own_norm if norm is None else norm
             if norm is not None:
                 values["grad_norm"] = float(norm)
+            if passes is not None:
+                values["epoch"] = epoch_of(passes, step * t.grad_accum)
+            if hasattr(batches, "metrics"):  # mm.data's loader: documents used and skipped, by reason (this rank)
+                values.update(batches.metrics())
             metrics.log(step, values)
             if bar is not None:
                 bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}", refresh=False)
             window_tokens, window_start = 0, time.perf_counter()
         if bar is not None:
             bar.update(1)
+        if (validation or tasks) and (step % (t.eval_every or t.max_steps) == 0 or step == t.max_steps):
+            held_out = validation(lambda b: engine(_to(b, engine.device, compute_dtype)), engine.module) \
+                if validation else {}
+            held_out.update(tasks(model) if tasks else {})
+            train_mode_where_trained(engine.module)
+            metrics.log(step, held_out)
+            if rank == 0:
+                shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in held_out.items())
+                (bar.write if bar is not None else print)(f"step {step}: eval {shown}")
         if step % t.save_every == 0 or step == t.max_steps:
             checkpoints.save_checkpoint(engine, model, run, step, {"step": step, "micro_batches": step * t.grad_accum},
                                         t.keep_last, zero3)
