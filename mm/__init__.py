@@ -18,7 +18,7 @@ EXPORTS = {
 __all__ = [*EXPORTS, "__version__"]
 
 try:
-    __version__ = metadata.version("mm")
+    __version__ = metadata.version("mm-vlm")  # the distribution name (mm.cli.DISTRIBUTION)
 except metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+unknown"
 

@@ -77,9 +77,12 @@ def read_config(directory: str | Path) -> ModelConfig:
     if not path.is_file():
         raise MMError(f"{directory} is not an mm model directory: {CONFIG_FILE} is missing")
     try:
-        return from_dict(ModelConfig, json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise MMError(f"{path} is not valid JSON: {exc}") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested past the recursion limit
+        raise MMError(f"{path} is not valid JSON: {exc.__class__.__name__}: {str(exc)[:200]}") from None
+    if not isinstance(data, dict):
+        raise MMError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return from_dict(ModelConfig, data)
 
 
 def _read_index(index: Path) -> tuple[list[str], dict[str, str]]:
@@ -122,8 +125,18 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
                 with safe_open(str(path), "pt") as handle:
                     aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
-        except (SafetensorError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError, RecursionError) as exc:
             raise MMError(f"cannot read weights {path}: {exc}") from None
-    for alias, name in (aliases or {}).items():
+    return _restore_aliases(state, aliases or {}, directory)
+
+
+def _restore_aliases(state: dict[str, torch.Tensor], aliases, directory: Path) -> dict[str, torch.Tensor]:
+    """Add each tied name (alias -> name it shares storage with); the metadata comes from the file, so check it."""
+    if not isinstance(aliases, dict):
+        raise MMError(f"weights in {directory}: the aliases metadata must map names to names, "
+                      f"not {type(aliases).__name__}")
+    for alias, name in aliases.items():
+        if not isinstance(alias, str) or not isinstance(name, str) or name not in state:
+            raise MMError(f"weights in {directory}: alias {alias!r} names no tensor of the weights ({name!r})")
         state[alias] = state[name]
     return state

@@ -4,11 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from mm.checkpoint import read_config, read_weights
 from mm.compose import assemble, build_encoder, torch_dtype
+from mm.config import ModelConfig
 from mm.errors import MMError
+from mm.llm.base import brief, load_tokenizer
 from mm.model import MultimodalModel
 from mm.parts import registry
 
@@ -16,7 +17,11 @@ from mm.parts import registry
 def load(directory: str | Path, device: str | torch.device | None = None, dtype: str | None = None
          ) -> MultimodalModel:
     """Skeleton from the saved configs (the encoder from its saved files, the LLM through its family's
-    ``rebuild``), then the weights, strictly. ``dtype`` overrides the saved one."""
+    ``rebuild``), then the weights, strictly. ``dtype`` overrides the saved one.
+
+    A model directory may come from a stranger: no file in it runs code (``mm.llm.base.refuse_remote_code``), and
+    the skeleton is first built on the meta device and checked against the weights' names and shapes, so a
+    config that does not fit its weights (or asks for a terabyte) is one line before any memory is allocated."""
     directory = Path(directory)
     config = read_config(directory)
     if dtype is not None:
@@ -26,22 +31,51 @@ def load(directory: str | Path, device: str | torch.device | None = None, dtype:
         if not (directory / part).exists():
             raise MMError(f"{directory} is incomplete: {part} is missing")
     state = read_weights(directory)
+    tokenizer = load_tokenizer(directory / "tokenizer")
+    try:
+        with torch.device("meta"):
+            meta_state = skeleton(config, directory, tokenizer).state_dict()
+    except Exception:  # noqa: BLE001  a part that cannot be built on meta: the real build below checks the same
+        meta_state = None
+    if meta_state is not None:
+        check_fit(meta_state, state, directory)
+    try:
+        model = skeleton(config, directory, tokenizer)
+    except MMError:
+        raise
+    except Exception as exc:  # a saved config that builds nothing sensible (negative sizes, wrong types)
+        raise MMError(f"cannot rebuild the model in {directory} from its saved configs: {brief(exc)}") from None
+    check_fit(model.state_dict(), state, directory)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # shapes fit, values do not (a complex tensor for a float one)
+        raise MMError(f"weights in {directory} do not fit its config: {brief(exc)}") from None
+    if device is not None:
+        model.to(device)
+    return model.to(torch_dtype(config.dtype)).eval()
+
+
+def skeleton(config: ModelConfig, directory: Path, tokenizer) -> MultimodalModel:
+    """The architecture of the model saved in ``directory``, randomly initialised on the current default device
+    (``torch.device("meta")``: no memory), from its saved configs alone: no weights are read."""
     saved_encoder = directory / "encoder"
     encoder = build_encoder(config, pretrained=False, saved=saved_encoder if saved_encoder.is_dir() else None)
     llm = registry("llm").rebuild(config.llm.name, directory / "llm")
-    tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", trust_remote_code=False)
-    model = assemble(config, encoder, llm, tokenizer)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    return assemble(config, encoder, llm, tokenizer)
+
+
+def check_fit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], directory: Path) -> None:
+    """MMError unless ``state`` has exactly the names and shapes of ``expected`` (a model's state dict)."""
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise MMError(
             f"weights in {directory} do not fit its config: {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    model.load_state_dict(state, strict=True)
-    if device is not None:
-        model.to(device)
-    return model.to(torch_dtype(config.dtype)).eval()
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise MMError(f"weights in {directory} do not fit its config: {name} is {list(state[name].shape)} in "
+                          f"the weights, {list(tensor.shape)} in the model its configs describe")
 
 
 def resolve_model_dir(path: str | Path) -> Path:

@@ -89,6 +89,15 @@ def test_chat_is_multi_turn_and_streams(tiny_model_dir, picture):
     assert result.stdout.count("mm> ") == 2
 
 
+def test_chat_explains_how_to_attach_a_typed_image_and_goes_on(tiny_model_dir):
+    result = run_mm("chat", "--model", tiny_model_dir, "--max-new-tokens", 3,
+                    stdin="what is in <image> here?\nhello\n/quit\n")
+    assert result.returncode == 0, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("mm: error: ") and "/image PATH" in errors[0], result.stderr
+    assert result.stdout.count("mm> ") == 1  # the typed <image> got no answer; the next message did
+
+
 def test_batch_caption_keeps_results_around_a_bad_image(tiny_model_dir, picture, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")

@@ -26,8 +26,10 @@ def run(args: argparse.Namespace) -> int:
     """A bad image is reported and skipped; the exit status is then 2, after the other captions."""
     from mm.images import open_image
 
-    model = open_model(args)
+    if args.batch_size < 1:
+        raise MMError("--batch-size must be at least 1")
     options = sampling(args)
+    model = open_model(args)
     failed = 0
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start : start + args.batch_size]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from mm.errors import MMError
@@ -68,7 +69,8 @@ def add_parser(subparsers) -> None:
 def _fetcher(args):
     from mm.data.download import Fetcher
 
-    if args.workers < 1 or args.timeout <= 0 or args.deadline <= 0 or args.retries < 0 or args.max_image_bytes < 1:
+    if (args.workers < 1 or not 0 < args.timeout < math.inf or not 0 < args.deadline < math.inf  # NaN fails too
+            or args.retries < 0 or args.max_image_bytes < 1):
         raise MMError("--workers, --timeout, --deadline and --max-image-bytes must be positive, --retries >= 0")
     return Fetcher(timeout=args.timeout, deadline=args.deadline, max_bytes=args.max_image_bytes, retries=args.retries,
                    workers=args.workers, allow_private=args.allow_private_addresses,
@@ -88,13 +90,18 @@ def write_shards(args: argparse.Namespace) -> dict:
     for name in ("json", "table", "jsonl"):
         if hasattr(args, name) and not getattr(args, name).is_file():
             raise MMError(f"input not found: {getattr(args, name)}")
+    if args.source != "moscar" and args.images is not None and not args.images.is_dir():
+        raise MMError(f"image root not found: {args.images}")
+    from mm.train.preflight import writable_dir
+
+    writable_dir(out, "--out", keep=False)  # before a long conversion, not at its first shard
     if args.source == "llava":
         records = convert._read_json_records(args.json)
         docs = convert.llava_docs(records, args.images, lang)
         return convert.write_all(docs, out, args.prefix or "llava", total=len(records), desc="llava",
                                  progress=progress, **sizes)
     if args.source == "captions":
-        table = convert.read_table(args.table)
+        table = _readable(convert.read_table, args.table)
         fetcher = _fetcher(args) if args.download else None
         docs = convert.caption_docs(table, args.images or args.table.parent, fetcher, args.image_col,
                                     args.caption_col, lang)
@@ -107,16 +114,27 @@ def write_shards(args: argparse.Namespace) -> dict:
                                  progress=progress, **sizes)
     from mm.data.moscar import Mirror, convert_moscar
 
+    import pyarrow.parquet
+
+    if args.download == (args.images is not None):  # the flags first: checking them reads nothing
+        raise MMError("moscar needs exactly one of --images MIRROR_DIR or --download")
     for path in args.parquet:
         if not path.is_file():
             raise MMError(f"input not found: {path}")
-    if args.download == (args.images is not None):
-        raise MMError("moscar needs exactly one of --images MIRROR_DIR or --download")
+        _readable(pyarrow.parquet.ParquetFile, path)  # its footer: a file that is no Parquet fails here
     if args.images is not None and not args.images.is_dir():
         raise MMError(f"image mirror not found: {args.images}")
     source = _fetcher(args) if args.download else Mirror(args.images)
     return convert_moscar(args.parquet, out, source, lang=args.lang, progress=progress,
                           keep_unverified=args.keep_unverified, **sizes)
+
+
+def _readable(read, path: Path):
+    """``read(path)``; a table pyarrow cannot parse (not CSV / Parquet, empty, cut short) is one MMError."""
+    try:
+        return read(path)
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid and ArrowIOError are these
+        raise MMError(f"cannot read the table {path}: {' '.join(str(exc).split())[:300]}") from None
 
 
 def run(args: argparse.Namespace) -> int:

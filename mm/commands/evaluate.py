@@ -29,5 +29,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mm.evaluate.cli import run_eval
+    from mm.train.preflight import writable_file
 
+    writable_file(args.out or f"eval-{args.task}.json", "--out", keep=False)  # before minutes of evaluation
     return run_eval(args)

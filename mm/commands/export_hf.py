@@ -9,6 +9,9 @@ or ``mlp`` adapter, no modality experts; anything else is refused with a message
 from __future__ import annotations
 
 import argparse
+import re
+
+SIZE = re.compile(r"(?i)(?=[\d.]*[1-9])\d+(\.\d+)?\s*[KMGT]B")  # what huggingface_hub's shard splitter reads
 
 
 def add_parser(subparsers) -> None:
@@ -23,9 +26,15 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import mm
     from mm.checkpoint import read_config
+    from mm.errors import MMError
     from mm.interop import check_exportable, export_llava
+    from mm.train.preflight import writable_dir
 
+    if not SIZE.fullmatch(args.max_shard_size.strip()):
+        raise MMError(f"--max-shard-size {args.max_shard_size!r} is not a size (a positive number and KB, MB, GB "
+                      "or TB, e.g. 4GB)")
     check_exportable(read_config(args.model))  # refuse before loading any weights
+    writable_dir(args.out, "--out", keep=False)
     out = export_llava(mm.load(args.model), args.out, max_shard_size=args.max_shard_size)
     print(f"wrote LLaVA checkpoint to {out}")
     return 0

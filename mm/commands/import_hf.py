@@ -21,7 +21,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mm.interop import import_llava
+    from mm.train.preflight import writable_dir
 
+    writable_dir(args.out, "--out", keep=False)  # before the checkpoint is read
     import_llava(args.hf, args.out)
     print(f"wrote mm model to {args.out}")
     return 0

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from mm.errors import MMError
-
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("inspect", help="summarise shards (kinds, languages, token lengths, bad samples)",
@@ -34,12 +32,9 @@ def renderer_for(args: argparse.Namespace):
 
         return Renderer.from_model(mm.load(args.model), 1 << 30)
     if args.tokenizer:
-        from transformers import AutoTokenizer
+        from mm.llm.base import load_tokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        except (OSError, ValueError) as exc:
-            raise MMError(f"cannot load tokenizer from {args.tokenizer}: {exc}") from None
+        tokenizer = load_tokenizer(args.tokenizer)  # no code from the directory; one line when unreadable
     else:
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
@@ -55,6 +50,10 @@ def renderer_for(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from mm.data.inspect import inspect_shards
+    from mm.errors import MMError
+
+    if args.tokens_per_image < 1:
+        raise MMError(f"--tokens-per-image must be at least 1, got {args.tokens_per_image}")
 
     summary = inspect_shards(args.shards, renderer_for(args))
     if args.json:

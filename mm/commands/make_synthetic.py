@@ -28,7 +28,9 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1 or (args.n_val is not None and args.n_val < 0) or args.samples_per_shard < 1:
         raise MMError("--n and --samples-per-shard must be positive, --n-val non-negative")
     from mm.data.synthetic import make_synthetic
+    from mm.train.preflight import writable_dir
 
+    writable_dir(args.out, "--out", keep=False)
     out = make_synthetic(args.out, n=args.n, seed=args.seed, n_val=args.n_val,
                          samples_per_shard=args.samples_per_shard, overwrite=args.overwrite, progress=True)
     print(json.dumps(json.loads((out / "manifest.json").read_text())["docs_per_kind"]))

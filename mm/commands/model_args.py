@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from mm.errors import MMError
 
@@ -24,8 +25,8 @@ def sampling(args: argparse.Namespace) -> dict:
     """The ``generate`` keyword arguments of the sampling flags; MMError when one is out of range."""
     if args.max_new_tokens < 1:
         raise MMError("--max-new-tokens must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.num_beams < 1:
-        raise MMError("--temperature must be >= 0, --top-p in (0, 1], --num-beams >= 1")
+    if not 0 <= args.temperature < math.inf or not 0 < args.top_p <= 1 or args.num_beams < 1:  # NaN fails too
+        raise MMError("--temperature must be >= 0 and finite, --top-p in (0, 1], --num-beams >= 1")
     return {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
@@ -34,13 +35,36 @@ def sampling(args: argparse.Namespace) -> dict:
     }
 
 
+def device(name: str):
+    """``--device`` as a ``torch.device`` that exists here: cpu, cuda[:N] or mps; MMError otherwise."""
+    import torch
+
+    try:
+        parsed = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise MMError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MMError(f"--device {name}: no CUDA device is available")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise MMError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MMError(f"--device {name}: MPS is not available")
+    elif parsed.type != "cpu" or parsed.index not in (None, 0):
+        raise MMError(f"--device {name!r}: mm runs models on cpu, cuda, cuda:N or mps")
+    return parsed
+
+
 def open_model(args: argparse.Namespace):
     """``mm.load`` of ``--model`` on ``--device`` in ``--dtype``, after seeding torch with ``--seed``."""
     import torch
 
     import mm
 
-    torch.manual_seed(args.seed)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise MMError(f"--device {args.device}: no CUDA device is available")
-    return mm.load(args.model, device=args.device, dtype=args.dtype)
+    target = device(args.device)
+    try:
+        torch.manual_seed(args.seed)
+    except (RuntimeError, ValueError):
+        raise MMError(f"--seed {args.seed} is out of range (0 to 2**64 - 1)") from None
+    return mm.load(args.model, device=target, dtype=args.dtype)

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mm.train.preflight import writable_file
 
-    out = writable_file(args.out or args.runs[0] / "metrics.png", "--out")
+    out = writable_file(args.out or args.runs[0] / "metrics.png", "--out", keep=False)
     formats = FigureCanvasAgg.get_supported_filetypes()
     if out.suffix.lstrip(".").lower() not in formats:
         raise MMError(f"--out {out}: give a file name ending in one of .{', .'.join(sorted(formats))}")

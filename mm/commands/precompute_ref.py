@@ -51,6 +51,14 @@ def precompute(model_dir: str, shards: str, out: str | Path, seq_len: int = 512,
     from mm.train.build import resolve_model_dir
     from mm.train.losses.dpo import pair_logps
 
+    from mm.data import list_shards
+    from mm.errors import MMError
+    from mm.train.preflight import writable_dir
+
+    if seq_len < 1:
+        raise MMError(f"--seq-len must be at least 1, got {seq_len}")
+    list_shards(shards)  # missing shards and an unwritable output fail before the model loads
+    writable_dir(out, "the output directory", keep=False)
     model = mm.load(resolve_model_dir(model_dir))
     renderer = Renderer.from_model(model, seq_len)
     pad_id = model.tokenizer.pad_token_id

@@ -6,9 +6,11 @@ and building the ``mm`` parser must stay light.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from mm.commands.model_args import add_model_flags
+from mm.errors import MMError
 
 
 def add_parser(subparsers) -> None:
@@ -45,5 +47,10 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mm.serve.cli import run_serve
+
+    for flag in ("max_image_mb", "batch_wait_ms", "max_megapixels", "remote_deadline"):
+        value = getattr(args, flag)
+        if not math.isfinite(value):  # NaN passes every range check after this
+            raise MMError(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
 
     return run_serve(args)

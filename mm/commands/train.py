@@ -23,8 +23,9 @@ from mm.errors import MMError, report
 
 DEFAULT_DATA = Path("data/synthetic")  # the corpus the shipped recipes name (mm make-synthetic)
 DEFAULT_RUN = Path("runs/default")
-QUICK_START = (("lite/1_align", "align", "interleaved"),  # (recipe, run folder, synthetic documents): align the
-               ("lite/3_instruct", "instruct", "chat"))   # adapter on captions, then tune adapter + LLM on questions
+# The quick start's stages: (recipe of the family, run folder under DEFAULT_RUN, synthetic documents). Align the
+# adapter on captions, then tune the adapter and the LLM on questions, starting from the aligned model.
+QUICK_START = (("1_align", "align", "interleaved"), ("3_instruct", "instruct", "chat"))
 QUICK_START_QUESTIONS = 200  # held-out questions the quick start answers
 
 
@@ -53,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", nargs="+", default=[], metavar="YAML", help="recipe YAML files, merged in order")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still logged)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume output_dir even though the config changes the model, the trainable set, the "
+                             "data or the optimisation (refused otherwise; steps, saving and logging may change)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=10")
     parser.set_defaults(run=run)
 
@@ -74,8 +78,9 @@ def names_synthetic(config) -> bool:
     return any(str(source).startswith(f"{DEFAULT_DATA}/") for source in sources if source)
 
 
-def prepare_synthetic() -> None:
-    """Generate ``data/synthetic`` on rank 0 unless it is there (every rank waits for it)."""
+def prepare_synthetic(docs: int = 2000) -> None:
+    """Generate ``data/synthetic`` (``docs`` training documents per kind) on rank 0 unless it is there; every rank
+    waits for it."""
     import torch.distributed as dist
 
     from mm.data import make_synthetic
@@ -86,32 +91,32 @@ def prepare_synthetic() -> None:
         init_distributed()
     if int(os.environ.get("RANK", "0")) == 0 and not (DEFAULT_DATA / "manifest.json").is_file():
         print(f"synthetic corpus: generating {DEFAULT_DATA}", flush=True)
-        make_synthetic(DEFAULT_DATA, progress=True)
+        make_synthetic(DEFAULT_DATA, n=docs, progress=True)
     if dist.is_initialized():
         dist.barrier()
 
 
-def quick_start(progress: bool) -> None:
+def quick_start(progress: bool = True, family: str = "lite", docs: int = 2000, overrides: tuple[str, ...] = ()):
     """No arguments: the synthetic corpus, the lite model aligned on its captions and instruction-tuned on its
-    questions, then held-out questions answered and scored beside chance and an image-blind baseline."""
+    questions, then held-out questions answered and scored beside chance and an image-blind baseline (returned on
+    rank 0, None elsewhere). ``family``, ``docs`` and ``overrides`` (for both stages) make a smaller run (tests)."""
     import torch.distributed as dist
 
     from mm.config import load_config
     from mm.train import TrainConfig, validate
     from mm.train.loop import train
 
-    prepare_synthetic()
+    prepare_synthetic(docs)
     final = None
-    for recipe, stage, kind in QUICK_START:
-        overrides = [f"output_dir={DEFAULT_RUN / stage}", f"data.train={DEFAULT_DATA}/train/{kind}-*.tar"]
-        overrides += [f"init_from={final}"] if final else []
-        config = validate(load_config(TrainConfig, [resolve_recipe(recipe)], overrides))
+    for recipe, folder, kind in QUICK_START:
+        stage = [f"output_dir={DEFAULT_RUN / folder}", f"data.train={DEFAULT_DATA}/train/{kind}-*.tar"]
+        stage += [f"init_from={final}"] if final else []
+        config = validate(load_config(TrainConfig, [resolve_recipe(f"{family}/{recipe}")], [*stage, *overrides]))
         final = train(config, progress=progress)
-    if dist.get_rank() == 0:
-        answer_demo(final, DEFAULT_DATA)
+    return answer_demo(final, DEFAULT_DATA, family) if dist.get_rank() == 0 else None
 
 
-def answer_demo(final: Path, data: Path) -> None:
+def answer_demo(final: Path, data: Path, family: str = "lite") -> dict:
     """Score ``final`` on held-out synthetic questions; show one image, question, answer and truth; say what next."""
     import mm
     from mm.evaluate.synthetic_qa import synthetic_qa
@@ -124,15 +129,17 @@ def answer_demo(final: Path, data: Path) -> None:
           f"  per type: {types}")
     example = next(row for row in result["answers"] if row["type"] == "count")
     image = data / "val" / example["image"]
-    print(f"\n{image}\n  question: {example['question']}\n  answer:   {example['prediction']}\n"
+    print(f"\n{image}\n  question: {example['question']}\n  answer:   {' '.join(example['prediction'].split())}\n"
           f"  truth:    {example['answer']}")
     print(f"\nnext:\n"
-          f"  mm chat --model {final} --image {image}          # ask your own questions\n"
-          f"  mm serve --model {final} --ui                     # web page and OpenAI API on http://127.0.0.1:8000\n"
-          f"  mm convert llava DATA.json --images DIR --out data/mine            # your own data, then:\n"
-          f"  mm train --recipe lite/3_instruct init_from={final} data.train=data/mine output_dir=runs/mine\n"
+          f"  ask your own questions:  mm chat --model {final} --image {image}\n"
+          f"  web page + OpenAI API:   mm serve --model {final} --ui    (http://127.0.0.1:8000)\n"
+          f"  train on your own data:  mm convert llava DATA.json --images DIR --out data/mine\n"
+          f"                           mm train --recipe {family}/3_instruct init_from={final} data.train=data/mine "
+          f"output_dir=runs/mine\n"
           f"The model knows only synthetic shapes, colours, counts, sides and words: on real photos its answers "
           f"are guesses (README, 'Quick start').")
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         config = validate(load_config(TrainConfig, files, overrides))
         if names_synthetic(config):
             prepare_synthetic()
-        train(config, progress=not args.no_progress)
+        train(config, progress=not args.no_progress, allow_config_change=args.allow_config_change)
     except MMError as exc:
         return report(exc)
     return 0

@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
     from mm.images import open_image
 
     image = open_image(args.image)
+    options = sampling(args)
     model = open_model(args)
-    answer = model.generate(images=[image], prompt=args.question, **sampling(args)).strip()
+    answer = model.generate(images=[image], prompt=args.question, **options).strip()
     print(json.dumps({"image": args.image, "question": args.question, "answer": answer}) if args.json else answer)
     return 0

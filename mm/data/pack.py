@@ -1,9 +1,11 @@
 """Rows -> batches: sequence packing with block-diagonal causal attention, or right padding as a fallback.
 
 Packing is best-fit over a window of open rows, in stream order, so it is deterministic given the documents.
-A packed batch carries ``position_ids`` restarting at 0 for every document and an ``attention_mask`` of shape
-``[B, 1, T, T]`` (bool, True = may attend) that is causal inside each document and False across documents.
-Padding at the end of a packed row forms its own block (it attends only to padding, never carries loss).
+A packed batch carries no attention mask: its ``position_ids`` restart at 0 for every document, and those are the
+document boundaries the attention path keeps apart (mm/llm/attention.py: flash varlen, SDPA per document, or the
+LLM's own mask derived from positions). No ``[B, 1, T, T]`` mask is built, so memory stays linear in T.
+Padding at the end of a packed row forms its own block (positions restart there; it never carries loss). A
+document's first token is no target (alone, nothing predicts it; packed, the previous document's last token would).
 """
 from __future__ import annotations
 
@@ -57,29 +59,24 @@ def _pixels(items: Iterable[Item], transform) -> dict[str, torch.Tensor]:
 
 
 def collate_packed(rows: list[list[Item]], pad_id: int, transform) -> dict[str, torch.Tensor]:
-    """Packed rows -> ``input_ids``, ``labels``, ``position_ids`` ``[B, T]``, ``attention_mask`` ``[B, 1, T, T]``."""
+    """Packed rows -> ``input_ids``, ``labels``, ``position_ids`` ``[B, T]`` (positions restart per document)."""
     width = max(sum(len(item.rows[0]) for item in row) for row in rows)
     B = len(rows)
     input_ids = torch.full((B, width), pad_id, dtype=torch.long)
     labels = torch.full((B, width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((B, width), dtype=torch.long)
-    attention_mask = torch.zeros((B, 1, width, width), dtype=torch.bool)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()  # [T, T]
     for b, row in enumerate(rows):
         at = 0
         for item in row:
             seq = item.rows[0]
             n = len(seq)
             input_ids[b, at: at + n] = torch.tensor(seq.ids)
-            labels[b, at: at + n] = torch.tensor(seq.labels)
+            labels[b, at + 1: at + n] = torch.tensor(seq.labels[1:])  # the first token: no context, never a target
             position_ids[b, at: at + n] = torch.arange(n)
-            attention_mask[b, 0, at: at + n, at: at + n] = causal[:n, :n]  # causal inside the document only
             at += n
-        position_ids[b, at:] = torch.arange(width - at)
-        attention_mask[b, 0, at:, at:] = causal[: width - at, : width - at]  # padding sees only padding
+        position_ids[b, at:] = torch.arange(width - at)  # padding: a block of its own
     ordered = [item for row in rows for item in row]
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": attention_mask, **_pixels(ordered, transform)}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, **_pixels(ordered, transform)}
 
 
 def collate_padded(seqs: list[Sequence], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ Option ``image_size`` overrides the size; position embeddings are then interpola
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +73,7 @@ def _processor(path: Path, family: str, size: int, override: bool):
     else:
         sizes = {"size": {"height": size, "width": size}}
     if (path / "preprocessor_config.json").is_file():
-        return AutoImageProcessor.from_pretrained(path, **(sizes if override else {}))
+        return AutoImageProcessor.from_pretrained(path, trust_remote_code=False, **(sizes if override else {}))
     return (CLIPImageProcessor if family == "clip" else SiglipImageProcessor)(**sizes)
 
 
@@ -124,6 +123,8 @@ def build_hf(arg: str | None, options: HFEncoderOptions, pretrained: bool, saved
     ``saved``: a directory written by ``save_files``, used instead of ``<dir>`` (rebuilding a saved model)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
+    from mm.llm.base import read_json_object, refuse_remote_code
+
     if saved is not None:
         arg, pretrained = str(saved), False
     if not arg:
@@ -131,7 +132,8 @@ def build_hf(arg: str | None, options: HFEncoderOptions, pretrained: bool, saved
     path = Path(arg)
     if not (path / "config.json").is_file():
         raise MMError(f"hf encoder: {path} is not a model directory (no config.json)")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    model_type = read_json_object(path / "config.json").get("model_type")
+    refuse_remote_code(path)  # config.json, preprocessor_config.json: no auto_map
     family = _FAMILIES.get(model_type)
     if family is None:
         raise MMError(f"hf encoder: model_type {model_type!r} in {path} is not supported; "

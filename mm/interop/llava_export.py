@@ -18,6 +18,7 @@ Mapping (exact: same logits, same greedy generation):
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -39,6 +40,8 @@ def config_problems(config: ModelConfig) -> list[str]:
         if not registry(kind).entry(part.name).supports(CAPABILITY):
             able = [n for n in registry(kind).names() if registry(kind).entry(n).supports(CAPABILITY)]
             problems.append(f"{kind} {part.name!r} has no LLaVA equivalent (exportable {kind}s: {', '.join(able)})")
+    if not registry("layout").entry(config.layout.name).supports(CAPABILITY):
+        problems.append(f"layout {config.layout.name!r} has no LLaVA equivalent (LlavaNext export not implemented)")
     if config.moe is not None:
         problems.append("modality experts (moe) inside the LLM have no LLaVA equivalent")
     return problems
@@ -178,11 +181,74 @@ def llava_processor(model):
 
 
 def export_llava(model, out: str | Path, max_shard_size: str | int = "4GB") -> Path:
-    """Write ``model`` as a transformers LLaVA directory loadable with ``from_pretrained``."""
+    """Write ``model`` as a transformers LLaVA directory that ``from_pretrained`` loads in transformers 5.x and
+    4.45+ (and vLLM / SGLang serve): the files of ``save_pretrained``, in the layout of the hub's llava-hf
+    checkpoints (:func:`write_v4_conventions`), every file mode 0644."""
     out = Path(out)
     llava = to_llava(model)
     processor = llava_processor(model)
     out.mkdir(parents=True, exist_ok=True)
     llava.save_pretrained(out, max_shard_size=max_shard_size)
     processor.save_pretrained(out)
+    write_v4_conventions(out)
+    for path in out.iterdir():
+        if path.is_file():
+            path.chmod(0o644)  # safetensors are written 0600; a server often runs as another user
     return out
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_v4_conventions(out: Path) -> None:
+    """Rewrite what transformers 5 saved into the conventions 4.x reads too (5.x reads both):
+
+    - weights named as the hub's llava-hf checkpoints: ``vision_tower.vision_model.*`` (5.x drops
+      ``vision_model.``), ``language_model.model.*``, ``language_model.lm_head.*``, ``multi_modal_projector.*``;
+    - ``preprocessor_config.json`` (the image processor) and a flat ``processor_config.json`` (5.x nests the image
+      processor inside it, which 4.x passes to the processor as a second ``image_processor``);
+    - ``chat_template.json`` beside ``chat_template.jinja`` (4.45-4.4x read only the JSON form);
+    - ``tokenizer_config.json``: ``PreTrainedTokenizerFast`` (5.x writes ``TokenizersBackend``, unknown to 4.x)
+      and ``model_input_names`` without ``token_type_ids`` (which 4.x's ``generate`` rejects);
+    - ``config.json``: ``torch_dtype`` beside 5.x's ``dtype``.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def v4_name(name: str) -> str:
+        if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+            return "vision_tower.vision_model." + name.removeprefix("vision_tower.")
+        return name
+
+    for shard in sorted(out.glob("*.safetensors")):
+        with safe_open(shard, "pt") as weights:
+            if all(v4_name(name) == name for name in weights.keys()):
+                continue
+            tensors = {v4_name(name): weights.get_tensor(name) for name in weights.keys()}
+        save_file(tensors, shard, metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        data = _read_json(index)
+        data["weight_map"] = {v4_name(name): file for name, file in data["weight_map"].items()}
+        _write_json(index, data)
+
+    processor = _read_json(out / "processor_config.json")
+    image_processor = processor.pop("image_processor", None)
+    if image_processor is not None:
+        _write_json(out / "preprocessor_config.json", {**image_processor, "processor_class": "LlavaProcessor"})
+        _write_json(out / "processor_config.json", processor)
+    template = out / "chat_template.jinja"
+    if template.is_file():
+        _write_json(out / "chat_template.json", {"chat_template": template.read_text()})
+    tokenizer = _read_json(out / "tokenizer_config.json")
+    tokenizer.update(tokenizer_class="PreTrainedTokenizerFast", model_input_names=["input_ids", "attention_mask"])
+    _write_json(out / "tokenizer_config.json", tokenizer)
+    config = _read_json(out / "config.json")
+    if "dtype" in config:
+        config["torch_dtype"] = config["dtype"]
+        _write_json(out / "config.json", config)

@@ -12,7 +12,6 @@ weights live in ``model.safetensors`` like every mm model's; the config's ``llm`
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -28,14 +27,17 @@ VISION_TYPES = {"clip_vision_model": 1, "siglip_vision_model": 0}  # model_type 
 def _read_config(hf_dir: Path):
     from transformers import AutoConfig
 
+    from mm.llm.base import read_json_object, refuse_remote_code
+
     if not (hf_dir / "config.json").is_file():
         raise MMError(f"{hf_dir} is not a transformers model directory (no config.json)")
-    model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+    model_type = read_json_object(hf_dir / "config.json").get("model_type")
     if model_type != "llava":
         raise MMError(f"{hf_dir} holds a {model_type!r} model; only 'llava' checkpoints are imported")
     if not any(hf_dir.glob("*.safetensors")):
         raise MMError(f"{hf_dir} holds no .safetensors weights (pickled weights are never loaded)")
-    return AutoConfig.from_pretrained(hf_dir)
+    refuse_remote_code(hf_dir)  # config, tokenizer and image processor files: no auto_map
+    return AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
 
 
 def import_problems(config) -> list[str]:
@@ -60,7 +62,7 @@ def _split_llm(llava, text_config):
     """A causal LM (AutoModelForCausalLM of ``text_config``) holding LLaVA's language model and head."""
     from transformers import AutoModelForCausalLM
 
-    llm = AutoModelForCausalLM.from_config(text_config, dtype=torch.float32)
+    llm = AutoModelForCausalLM.from_config(text_config, dtype=torch.float32, trust_remote_code=False)
     llm.base_model.load_state_dict(llava.model.language_model.state_dict(), strict=True)
     llm.get_output_embeddings().load_state_dict(llava.lm_head.state_dict(), strict=True)
     if getattr(text_config, "tie_word_embeddings", False):
@@ -83,7 +85,9 @@ def _adapter_state(projector, adapter: str) -> dict[str, torch.Tensor]:
 def import_llava(hf_dir: str | Path, out: str | Path):
     """Convert the LLaVA checkpoint in ``hf_dir`` into an mm model saved at ``out``; returns the model."""
     import mm
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+
+    from mm.llm.base import load_tokenizer
 
     hf_dir, out = Path(hf_dir), Path(out).resolve()
     config = _read_config(hf_dir)
@@ -92,8 +96,9 @@ def import_llava(hf_dir: str | Path, out: str | Path):
         raise MMError(f"{hf_dir} cannot be imported exactly: " + "; ".join(problems))
     saved = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     dtype = saved if saved in DTYPES else "float32"
-    llava = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    llava = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True,
+                                                          trust_remote_code=False).eval()
+    tokenizer = load_tokenizer(hf_dir)
     if tokenizer.convert_tokens_to_ids("<image>") != config.image_token_index:
         raise MMError(f"{hf_dir}: the tokenizer's <image> id {tokenizer.convert_tokens_to_ids('<image>')} is not "
                       f"the model's image_token_index {config.image_token_index}")
@@ -102,7 +107,7 @@ def import_llava(hf_dir: str | Path, out: str | Path):
     with tempfile.TemporaryDirectory(prefix="mm-import-") as tmp:
         vision_dir, llm_dir = Path(tmp) / "vision", Path(tmp) / "llm"
         llava.model.vision_tower.save_pretrained(vision_dir)
-        AutoImageProcessor.from_pretrained(hf_dir).save_pretrained(vision_dir)
+        AutoImageProcessor.from_pretrained(hf_dir, trust_remote_code=False).save_pretrained(vision_dir)
         llm = _split_llm(llava, config.text_config)
         llm.generation_config = llava.generation_config
         llm.save_pretrained(llm_dir)

@@ -3,9 +3,11 @@ trainable parameter groups only, linear warmup + cosine decay.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,22 @@ from mm.errors import MMError
 from mm.train.config import TrainConfig
 
 
+def extensions_dir() -> Path:
+    """Where DeepSpeed builds and caches its ops unless ``TORCH_EXTENSIONS_DIR`` is set: one folder per Python
+    environment (keyed by ``sys.prefix``) under ``$MM_CACHE`` (default ``~/.cache/mm``), so two environments with
+    other torch or CUDA versions neither rebuild each other's ops nor wait on each other's build lock."""
+    prefix = Path(sys.prefix).resolve()
+    key = hashlib.sha256(str(prefix).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("MM_CACHE", Path.home() / ".cache" / "mm"))
+    return root / "torch_extensions" / f"{prefix.name.lstrip('.') or 'python'}-{key}"
+
+
 def init_distributed() -> None:
     """Join (or, without a launcher, create) the process group: gloo on CPU, nccl on GPU."""
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mm" / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     import deepspeed
 
     if torch.cuda.is_available():

@@ -20,7 +20,8 @@ import yaml
 from mm.config import to_dict
 from mm.errors import MMError
 from mm.train import checkpoints
-from mm.train.build import TrainModule, apply_lora, build_checked_loss, build_student, compile_decoder
+from mm.train.build import (TrainModule, apply_lora, build_checked_loss, build_student, choose_attention,
+                            compile_decoder)
 from mm.train.config import TrainConfig, validate
 from mm.train.engine import initialize, init_distributed
 from mm.train.epochs import epoch_batches, epoch_of, plan_epochs
@@ -93,6 +94,7 @@ def train(config: TrainConfig, batches: Iterable[dict] | None = None, progress: 
     model = build_student(config)
     apply_lora(model, config)
     groups = apply_stage(model, parse_trainable(config.stage.trainable, t.lr))
+    choose_attention(config, model)  # packed rows: document-masked attention, probed, logged once
     compile_decoder(model, config)
     loss_fn = build_checked_loss(config, model)
     resume.record_base(model, loss_fn)  # digest of the frozen weights, before ZeRO-3 partitions them

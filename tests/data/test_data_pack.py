@@ -1,11 +1,14 @@
-"""Packing: no attention across documents (a packed row's logits equal each document run alone)."""
+"""Packing: positions restart per document and no T x T mask is built; no attention across documents (a packed
+row's logits equal each document run alone)."""
 from __future__ import annotations
 
 import torch
 
+import mm
 from mm.data.pack import Packer, collate_packed, collate_rows
 from mm.data.render import Item, Renderer, Sequence
 from mm.images import open_image
+from mm.llm.attention import document_lengths
 
 from data_helpers import caption_doc, chat_doc, png
 
@@ -19,43 +22,44 @@ def _items(model, docs_and_images):
     return items
 
 
-def test_packed_row_logits_equal_each_document_alone(tiny_model):
+def test_packed_row_logits_equal_each_document_alone():
+    """Through the training forward (a fresh model: choosing the packed attention path changes it)."""
+    from mm.train.losses.forward import hidden_states
+
+    torch.manual_seed(0)
+    model = mm.build(mm.ModelConfig(encoder="tiny-vit", adapter="mlp", llm="tiny-llama"))
     docs = [
         (caption_doc("two red circles on the left."), [png((200, 0, 0))]),
         (chat_doc("What color are the shapes?", "blue"), [png((0, 0, 200), (40, 30))]),
         (caption_doc("the word cat. the word dog.", images=2), [png((0, 200, 0)), png((9, 9, 9))]),
     ]
-    items = _items(tiny_model, docs)
-    transform = tiny_model.encoder.transform
-    packed = collate_packed([items], tiny_model.tokenizer.pad_token_id, transform)
-    assert packed["attention_mask"].shape[:2] == (1, 1) and packed["attention_mask"].dtype == torch.bool
-    assert tiny_model.llm.config._attn_implementation == "sdpa"
+    items = _items(model, docs)
+    transform = model.encoder.transform
+    packed = collate_packed([items], model.tokenizer.pad_token_id, transform)
+    head = model.llm.get_output_embeddings()
     with torch.no_grad():
-        logits = tiny_model(**packed).logits[0]  # [T, V]
+        logits = head(hidden_states(model, packed))[0]  # [T, V]
         at = 0
         for item in items:
-            alone = collate_rows([item], tiny_model.tokenizer.pad_token_id, transform)
-            single = tiny_model(**alone).logits[0]
+            alone = collate_rows([item], model.tokenizer.pad_token_id, transform)
+            single = head(hidden_states(model, alone))[0]
             n = len(item.rows[0])
             torch.testing.assert_close(logits[at: at + n], single, rtol=1e-4, atol=1e-5)
             at += n
-        # the mask matters: plain causal attention over the same row gives different logits for doc 2
-        causal = tiny_model(input_ids=packed["input_ids"], pixel_values=packed["pixel_values"]).logits[0]
+        # the boundaries matter: one row of plain causal attention gives different logits for doc 2
+        causal = head(hidden_states(model, {**packed, "position_ids": torch.arange(at)[None]}))[0]
         n0 = len(items[0].rows[0])
         assert not torch.allclose(causal[n0: n0 + 5], logits[n0: n0 + 5], atol=1e-4)
 
 
-def test_mask_and_positions_are_per_document():
+def test_positions_restart_per_document_and_no_mask_is_built():
     items = [Item(str(i), [Sequence([5] * n, [5] * n, 0)], []) for i, n in enumerate((3, 2))]
     batch = collate_packed([items, items[:1]], pad_id=0, transform=None)
-    mask = batch["attention_mask"][0, 0]
-    expected = torch.zeros(5, 5, dtype=torch.bool)
-    expected[:3, :3] = torch.ones(3, 3).tril().bool()
-    expected[3:, 3:] = torch.ones(2, 2).tril().bool()
-    assert torch.equal(mask, expected)
-    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1]
-    assert batch["labels"][1].tolist() == [5, 5, 5, -100, -100]  # padding carries no loss
-    assert batch["attention_mask"][1, 0, 3:, :3].sum() == 0  # padding never sees the document
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no [B, 1, T, T] mask, memory linear in T
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 0, 1]]  # padding: a block of its own
+    assert batch["labels"][0].tolist() == [-100, 5, 5, -100, 5]  # a document's first token is no target
+    assert batch["labels"][1].tolist() == [-100, 5, 5, -100, -100]  # padding carries no loss
+    assert document_lengths(batch["position_ids"], 2, 5) == [[3, 2], [3, 2]]
 
 
 def test_packer_is_deterministic_fills_rows_and_keeps_every_document():

@@ -21,14 +21,14 @@ import time
 import traceback
 
 PACKAGE = "tools.bench"
-MODULES = ["generate", "train", "loader", "moe", "serve"]  # listed, not discovered
+MODULES = ["generate", "train", "loader", "moe", "serve", "checkpoint", "packing", "cli"]  # listed, not discovered
 
 # figure -> (goal, source): "module:dotted.key" of a module's result, or "a / b", the ratio of two such keys.
 # Each key is one its module emits (tests/evaluate/test_bench_runner.py checks the modules' source).
 FIGURES = {
     "generate_speedup": (">= 1.5", "generate:generate_speedup"),
-    "first_token_speedup": (">= 1.2", "generate:first_token_speedup"),
-    "train_speedup": (">= 1.3", "train:train_speedup"),
+    "first_token_speedup": (">= 1.5", "generate:first_token_speedup"),  # raised from 1.2 (scale issue)
+    "train_speedup": (">= 2.0", "train:train_speedup"),  # raised from 1.3 (scale issue)
     "packing_efficiency": (">= 0.95", "loader:packed_efficiency"),
     # the loader's samples/s over the training step's: how many steps' worth of data one loader process makes
     "loader_headroom": (">= 2", "loader:loader_samples_per_s / train:train_samples_per_s"),
@@ -36,6 +36,11 @@ FIGURES = {
     "mfu": (">= 0.75", "train:mfu"),
     "decode_bandwidth_fraction": ("", "generate:decode_bandwidth_fraction"),
     "gpu_mfu": ("", "train_gpu:mfu"),  # --device cuda only: ~0.5B training step, bf16
+    "checkpoint_overhead": ("<= 1.1", "checkpoint:checkpoint_overhead"),  # bytes per checkpoint / trainable state
+    "grad_ckpt_memory_ratio": ("<= 0.6", "grad_ckpt:grad_ckpt_memory_ratio"),  # 4,096-token step peak, with / without
+    "long_packed_step_ratio": ("<= 1.0", "packing:long_packed_step_ratio"),  # 8,192-token step, 8 docs / causal
+    "packed_mask_memory_ratio": ("<= 1.05", "packing:packed_mask_memory_ratio"),  # that step's peak / causal
+    "cli_help_s": ("<= 1.5", "cli:help_s"),  # `mm --help` in a fresh process, median seconds
 }
 
 

@@ -2,26 +2,33 @@
 
 Computing logits only at labelled positions (instead of ``[B, T, V]``) is the main speed and memory win of
 training: the vocabulary projection of a 135M-parameter LLM costs as much as several decoder layers.
+
+Packed rows carry no attention mask, only ``position_ids`` restarting at 0 per document: the LLM's attention
+implementation keeps the documents apart (mm/llm/attention.py, chosen and probed once per model).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from mm.llm.attention import document_kwargs
 from mm.prompt import IGNORE
 
 
 def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final decoder hidden states ``[B, T, D]`` (no LM head) for a contract batch."""
     input_ids = batch["input_ids"]
+    attention_mask, position_ids = batch.get("attention_mask"), batch.get("position_ids")
+    documents = document_kwargs(model.llm, position_ids, attention_mask)  # {} unless flash varlen on packed rows
     embeddings = model.embed(input_ids, batch.get("pixel_values"))  # [B, T, D]
     decoder = model.llm.get_decoder()
     with model.routing(input_ids == model.image_token_id):
         out = decoder(
             inputs_embeds=embeddings,
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
             use_cache=False,
+            **documents,
         )
     return out.last_hidden_state
 
