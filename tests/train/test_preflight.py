@@ -138,7 +138,9 @@ def test_op_build_cache_is_per_environment(tmp_path):
             init_distributed()
         print(json.dumps([sys.prefix, str(extensions_dir()), os.environ.get("TORCH_EXTENSIONS_DIR")]))
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    env = {k: v for k, v in os.environ.items()  # not this process's op folder, nor its process group's port
+           if k not in ("TORCH_EXTENSIONS_DIR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                        "LOCAL_WORLD_SIZE")}
 
     def ask(python: Path, init: bool, **extra) -> list[str]:
         result = subprocess.run([str(python), "-c", code, "init" if init else "-"], capture_output=True, text=True,
