@@ -102,8 +102,10 @@ class BatchRows:
         job.emit(("finish", index, reason, len(self.tokens[row])))
 
     def finish_all(self, reason: str) -> None:
-        for row in range(len(self.rows)):
-            self.finish(row, reason)
+        """Finish every open row with ``reason``; a row whose client left is finished as ``cancelled`` (the
+        stopping criterion may see the disconnect after the row's last token was already added)."""
+        for row, (job, _) in enumerate(self.rows):
+            self.finish(row, "cancelled" if job.cancelled.is_set() else reason)
 
 
 class FanOutStreamer(BaseStreamer):

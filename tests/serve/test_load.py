@@ -13,6 +13,7 @@ import threading
 import httpx
 import openai
 import pytest
+import torch
 
 import mm.cli
 from serve_helpers import MODEL, image_bytes, image_message, serving, wait_for
@@ -142,3 +143,19 @@ def _get(url):
         return httpx.get(url, timeout=5)
     except httpx.TransportError:
         return None
+
+
+def test_a_disconnect_seen_only_by_the_stopping_criterion_counts_as_cancelled(tiny_model):
+    """The race CI met: the client leaves after its row's last token was added, so only the stopping criterion
+    sees it and ``generate`` ends through ``streamer.end()``; the row is still finished as cancelled."""
+    from mm.serve.engine import BatchRows, FanOutStreamer, Job
+
+    events, done = [], []
+    job = Job(conversation=None, max_tokens=100, emit=events.append)
+    rows = BatchRows([job], tiny_model.tokenizer, lambda j, reason: done.append(reason))
+    streamer = FanOutStreamer(rows)
+    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt
+    streamer.put(torch.tensor([5]))
+    job.cancelled.set()
+    streamer.end()
+    assert done == ["cancelled"] and events[-1] == ("finish", 0, "cancelled", 1)
