@@ -33,8 +33,7 @@ def load(directory: str | Path, device: str | torch.device | None = None, dtype:
     state = read_weights(directory)
     tokenizer = load_tokenizer(directory / "tokenizer")
     try:
-        with torch.device("meta"):
-            meta_state = skeleton(config, directory, tokenizer).state_dict()
+        meta_state = skeleton(config, directory, tokenizer, meta=True).state_dict()
     except Exception:  # noqa: BLE001  a part that cannot be built on meta: the real build below checks the same
         meta_state = None
     if meta_state is not None:
@@ -55,13 +54,27 @@ def load(directory: str | Path, device: str | torch.device | None = None, dtype:
     return model.to(torch_dtype(config.dtype)).eval()
 
 
-def skeleton(config: ModelConfig, directory: Path, tokenizer) -> MultimodalModel:
-    """The architecture of the model saved in ``directory``, randomly initialised on the current default device
-    (``torch.device("meta")``: no memory), from its saved configs alone: no weights are read."""
-    saved_encoder = directory / "encoder"
-    encoder = build_encoder(config, pretrained=False, saved=saved_encoder if saved_encoder.is_dir() else None)
-    llm = registry("llm").rebuild(config.llm.name, directory / "llm")
-    return assemble(config, encoder, llm, tokenizer)
+def skeleton(config: ModelConfig, directory: Path, tokenizer, meta: bool = False) -> MultimodalModel:
+    """The architecture of the model saved in ``directory``, randomly initialised, from its saved configs alone: no
+    weights are read. ``meta``: on the meta device (no memory; see ``encoder_skeleton``)."""
+    saved = directory / "encoder" if (directory / "encoder").is_dir() else None
+    if not meta:
+        encoder = build_encoder(config, pretrained=False, saved=saved)
+        return assemble(config, encoder, registry("llm").rebuild(config.llm.name, directory / "llm"), tokenizer)
+    encoder = encoder_skeleton(config, saved)
+    with torch.device("meta"):
+        return assemble(config, encoder, registry("llm").rebuild(config.llm.name, directory / "llm"), tokenizer)
+
+
+def encoder_skeleton(config: ModelConfig, saved: Path | None = None):
+    """The encoder's architecture without its weights on the meta device; an encoder whose builder needs real
+    tensors while it builds (open_clip copies its tables) is built on the CPU instead, still without weights."""
+    try:
+        with torch.device("meta"):
+            return build_encoder(config, pretrained=False, saved=saved)
+    except Exception:  # noqa: BLE001  a builder's own error shows again, as itself, off meta
+        with torch.device("cpu"):
+            return build_encoder(config, pretrained=False, saved=saved)
 
 
 def check_fit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], directory: Path) -> None:

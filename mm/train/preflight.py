@@ -8,10 +8,11 @@ an op is built, before a weight is read. A typo costs seconds, not the minutes a
 - ``init_from`` is an mm model or finished run directory, its ``mm_config.json`` readable;
 - ``trainer.deepspeed_config`` is a readable JSON object;
 - every ``stage.trainable`` glob matches a parameter name of the model, built on the meta device (no memory,
-  no weights): ``init_from``'s saved architecture, or the encoder (``pretrained=False``) and the LLM family's
-  builder (``load_local`` builds from ``config.json`` on meta), with modality experts and LoRA as the run adds
-  them. A part whose builder cannot run on meta is skipped here; its globs are then checked by ``apply_stage``
-  right after the real build, still before ``deepspeed.initialize``.
+  no weights): ``init_from``'s saved architecture, or the encoder (``pretrained=False``; an encoder that cannot
+  build on meta, open_clip, on the CPU without weights) and the LLM family's builder (``load_local`` builds from
+  ``config.json`` on meta), with modality experts and LoRA as the run adds them. An LLM family whose builder
+  cannot run on meta is skipped here; its globs are then checked by ``apply_stage`` right after the real build,
+  still before ``deepspeed.initialize``.
 
 Config types, registry names and each loss's own requirements were checked when the config loaded
 (``mm.schema``, ``mm.train.config.validate``).
@@ -114,33 +115,37 @@ def trainable_globs(config: TrainConfig) -> bool:
 
 
 def meta_model(config: TrainConfig):
-    """The run's student as ``build_student`` + ``apply_lora`` make it, every tensor on the meta device; None when
-    a part's builder cannot run there. MMErrors of the builders (a missing encoder or LLM directory) propagate."""
+    """The run's student as ``build_student`` + ``apply_lora`` make it, on the meta device (an encoder that cannot
+    build there: on the CPU, without weights; ``mm.loading.encoder_skeleton``). None when the LLM's builder cannot
+    run on meta. MMErrors of the builders (a missing encoder or LLM directory) propagate."""
     import torch
 
-    from mm.compose import assemble, build_encoder, build_llm
+    from mm.compose import assemble, build_llm
+    from mm.loading import encoder_skeleton
     from mm.train.build import apply_lora
 
     try:
-        with torch.device("meta"):
-            if config.init_from:
-                from mm.checkpoint import read_config
-                from mm.llm.base import load_tokenizer
-                from mm.loading import resolve_model_dir, skeleton
+        if config.init_from:
+            from mm.checkpoint import read_config
+            from mm.llm.base import load_tokenizer
+            from mm.loading import resolve_model_dir, skeleton
 
-                directory = resolve_model_dir(config.init_from)
-                model = skeleton(read_config(directory), directory, load_tokenizer(directory / "tokenizer"))
-                if config.model.moe is not None and model.moe is None:
-                    from mm.moe import attach_experts
+            directory = resolve_model_dir(config.init_from)
+            model = skeleton(read_config(directory), directory, load_tokenizer(directory / "tokenizer"), meta=True)
+            if config.model.moe is not None and model.moe is None:
+                from mm.moe import attach_experts
 
+                with torch.device("meta"):
                     attach_experts(model, config.model.moe)
-            else:
-                encoder = build_encoder(config.model, pretrained=False)
+        else:
+            encoder = encoder_skeleton(config.model)
+            with torch.device("meta"):
                 llm, tokenizer = build_llm(config.model)
                 model = assemble(config.model, encoder, llm, tokenizer)
+        with torch.device("meta"):
             apply_lora(model, config)
     except MMError:
         raise
-    except Exception:  # a builder that needs real tensors: apply_stage checks the globs after the real build
+    except Exception:  # an LLM builder that needs real tensors: apply_stage checks the globs after the real build
         return None
     return model

@@ -124,6 +124,26 @@ def test_the_meta_model_has_the_parameter_names_of_the_real_one(tmp_path, corpus
     assert [n for n, _ in meta.named_parameters()] == [n for n, _ in real.named_parameters()]
 
 
+def test_every_registered_encoder_gives_the_meta_model_its_real_names(tmp_path, corpus):
+    """Contract over the encoder registry: preflight checks globs for every encoder (open_clip builds off meta)."""
+    from mm.config import ModelConfig
+    from mm.parts import registry
+    from mm.train.build import build_student
+
+    encoders = registry("encoder")
+    for name in encoders.names():
+        example = encoders.entry(name).extras.get("example")
+        (tmp_path / name).mkdir()
+        spec = example(tmp_path / name) if example else None
+        if spec is None:
+            continue
+        run = config(tmp_path, corpus)
+        run.model = ModelConfig(encoder=spec, adapter="mlp", llm="tiny-llama")
+        meta = meta_model(run)
+        assert meta is not None, name
+        assert [n for n, _ in meta.named_parameters()] == [n for n, _ in build_student(run).named_parameters()], name
+
+
 def test_op_build_cache_is_per_environment(tmp_path):
     """Two virtual environments get two TORCH_EXTENSIONS_DIRs by default; a user's own setting wins. (DeepSpeed
     builds an op at ``init_distributed`` on CPU: it is called only where that op is already cached, by the other
