@@ -96,19 +96,19 @@ def write_shards(args: argparse.Namespace) -> dict:
 
     writable_dir(out, "--out", keep=False)  # before a long conversion, not at its first shard
     if args.source == "llava":
-        records = convert._read_json_records(args.json)
+        records = convert.read_records(args.json)
         docs = convert.llava_docs(records, args.images, lang)
         return convert.write_all(docs, out, args.prefix or "llava", total=len(records), desc="llava",
                                  progress=progress, **sizes)
     if args.source == "captions":
-        table = _readable(convert.read_table, args.table)
+        table = convert.read_table(args.table)
         fetcher = _fetcher(args) if args.download else None
         docs = convert.caption_docs(table, args.images or args.table.parent, fetcher, args.image_col,
                                     args.caption_col, lang)
         return convert.write_all(docs, out, args.prefix or "captions", total=table.num_rows, desc="captions",
                                  progress=progress, **sizes)
     if args.source == "preference":
-        records = convert._read_json_records(args.jsonl)
+        records = convert.read_records(args.jsonl)
         docs = convert.preference_docs(records, args.images, lang)
         return convert.write_all(docs, out, args.prefix or "preference", total=len(records), desc="preference",
                                  progress=progress, **sizes)

@@ -51,8 +51,12 @@ def split_markers(text: str) -> list[dict[str, Any]]:
     return parts
 
 
-def _read_json_records(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON file (a list, or one object) or of JSON lines; MMError when it is neither."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MMError(f"{path} cannot be read as UTF-8 text: {exc}") from None
     try:
         data = json.loads(text)
         return data if isinstance(data, list) else [data]
@@ -155,12 +159,15 @@ def read_table(path: Path):
     import pyarrow.parquet
 
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return pyarrow.parquet.read_table(path)
-    if suffix in (".csv", ".tsv"):
+    if suffix not in (".parquet", ".csv", ".tsv"):
+        raise MMError(f"{path}: expected a .csv, .tsv or .parquet table")
+    try:
+        if suffix == ".parquet":
+            return pyarrow.parquet.read_table(path)
         options = pyarrow.csv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
         return pyarrow.csv.read_csv(path, parse_options=options)
-    raise MMError(f"{path}: expected a .csv, .tsv or .parquet table")
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid and ArrowIOError are these
+        raise MMError(f"cannot read the table {path}: {' '.join(str(exc).split())[:300]}") from None
 
 
 def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str) -> str:

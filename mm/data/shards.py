@@ -206,18 +206,22 @@ def parse_sample(sample: dict[str, bytes]) -> tuple[dict[str, Any], list[bytes]]
 
 
 def list_shards(spec: str | Path) -> list[str]:
-    """A directory (its ``*.tar``, recursively), a glob, a brace pattern or one file -> sorted shard paths."""
+    """A directory (its ``*.tar``, recursively), a glob, a brace pattern or one file -> sorted shard paths; a
+    LLaVA JSON or a dataset name of the registry first becomes its converted shards (``mm.data.datasets``)."""
     import glob
 
     import braceexpand
 
-    spec = str(spec)
+    from mm.data.datasets import registry_path, resolve_source
+
+    spec = resolve_source(str(spec))
     if os.path.isdir(spec):
         found = sorted(str(p) for p in Path(spec).rglob("*.tar"))
     else:
         found = sorted({p for pattern in braceexpand.braceexpand(spec) for p in glob.glob(pattern)})
     if not found:
-        raise MMError(f"no shards found at {spec!r} (expected a directory of .tar files, a glob or a file)")
+        raise MMError(f"no shards found at {spec!r} (expected a directory of .tar files, a glob, a file, a LLaVA "
+                      f".json or a dataset named in {registry_path()})")
     return found
 
 
