@@ -152,6 +152,7 @@ def greedy_generate(
     compile: bool = False,
     reuse_prefix: bool = True,
     stopping_criteria=None,
+    image_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy continuation of left-padded ``input_ids`` ``[B, T]`` (placeholders expanded). Returns the new
     tokens ``[B, N]`` (N <= max_new_tokens; rows that finished early are filled with ``pad_token_id``),
@@ -159,7 +160,7 @@ def greedy_generate(
     the shared text prefix across calls (see the module docstring). ``stopping_criteria``: a transformers
     ``StoppingCriteriaList`` (or any callable ``(new_tokens [B, n], scores) -> [B] bool``); the call ends when
     every row is done; as in ``generate``, a done row is filled with ``pad_token_id`` only when ``eos_token_id``
-    is given."""
+    is given. ``image_index``: as in ``model.embed`` (a layout that rearranges image features)."""
     kv_cache.check()
     llm = model.llm
     batch, length = input_ids.shape
@@ -175,7 +176,7 @@ def greedy_generate(
     state = decoder(model)
     runner = state.runner(compile and model.moe is None, next(llm.parameters()).is_cuda)
     features = runner.encode(model, pixel_values) if pixel_values is not None and len(pixel_values) else None
-    embeddings = model.embed(input_ids, image_features=features)  # images encoded once, here
+    embeddings = model.embed(input_ids, image_features=features, image_index=image_index)  # images encoded once
     shared = 0
     if reuse_prefix and model.moe is None and kv_cache.is_plain_static(cache):
         shared = _shared_prefix(input_ids, attention_mask, model.image_token_id)

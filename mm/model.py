@@ -165,10 +165,12 @@ class MultimodalModel(nn.Module):
     # ----- forward ----------------------------------------------------------------------------------------
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Text embeddings with image features scattered into the placeholder positions. ``[B, T, D]``.
         ``image_features`` ``[I, M, D]``: features already computed by ``encode_images`` (then no pixels).
+        ``image_index`` ``[P]``: per placeholder, the row of the features ``[I * M, D]`` it takes (a layout that
+        rearranges features, ``collate`` gives it); None: all of them in order.
         With ``lockstep`` (training), a batch without images encodes one blank image, added with weight 0."""
         is_image = input_ids == self.image_token_id  # [B, T]
         embeddings = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # [B, T, D]
@@ -181,11 +183,19 @@ class MultimodalModel(nn.Module):
                 embeddings = embeddings + 0 * self.encode_images(self.blank_image()).sum()
         else:
             features = self.encode_images(pixel_values)  # [I, M, D]
+        if features is not None and image_index is None and self.layout.rearranges_features:
+            raise MMError(f"layout {self.config.layout.name!r} rearranges image features (arrangement llava_next): "
+                          f"the batch needs image_index, which model.collate gives and this caller does not")
         feature_count = 0 if features is None else features.shape[0] * features.shape[1]
+        images = 0 if features is None else features.shape[0]
+        if features is not None and image_index is not None:
+            features = features.flatten(0, 1).index_select(0, image_index.to(features.device))[None]  # [1, P, D]
+            feature_count = len(image_index)
         if placeholders != feature_count:
             raise MMError(
                 f"image placeholder tokens ({placeholders}) do not match image features ({feature_count}: "
-                f"{0 if features is None else features.shape[0]} images x {self.tokens_per_image} tokens)"
+                f"{images} images x {self.tokens_per_image} tokens"
+                f"{'' if image_index is None else ', rearranged by image_index'})"
             )
         if features is None:
             return embeddings
@@ -205,10 +215,11 @@ class MultimodalModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
         **llm_kwargs: Any,
     ):
         """Run the LLM on spliced embeddings; returns the LLM's own output (``.logits``, ``.loss`` with labels)."""
-        embeddings = self.embed(input_ids, pixel_values)
+        embeddings = self.embed(input_ids, pixel_values, image_index=image_index)
         with self.routing(input_ids == self.image_token_id):
             return self.llm(
                 inputs_embeds=embeddings,
@@ -239,7 +250,8 @@ class MultimodalModel(nn.Module):
 
     def collate(self, conversations: list[Conversation], chat: bool = True) -> dict[str, torch.Tensor]:
         """Left-padded generation inputs for a batch of conversations; ``pixel_values`` ``[tiles, 3, H, W]`` holds
-        every image's tiles, conversation after conversation, in token order."""
+        every image's tiles, conversation after conversation, in token order; ``image_index`` ``[P]`` is there when
+        the layout rearranges features (see ``embed``)."""
         rows, images = [], []
         for messages, conversation_images in conversations:
             expected = count_images(messages)
@@ -255,6 +267,9 @@ class MultimodalModel(nn.Module):
         batch = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
         if images:
             batch["pixel_values"] = self.preprocess(images).to(self.device)
+            index = self.image_tiler.feature_index(images)
+            if index is not None:
+                batch["image_index"] = torch.tensor(index, device=self.device)
         return batch
 
     # ----- generation -------------------------------------------------------------------------------------
@@ -280,6 +295,7 @@ class MultimodalModel(nn.Module):
                 batch["input_ids"],
                 batch["attention_mask"],
                 batch.get("pixel_values"),
+                image_index=batch.get("image_index"),
                 max_new_tokens=options["max_new_tokens"],
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
@@ -288,7 +304,7 @@ class MultimodalModel(nn.Module):
                 stopping_criteria=options.get("stopping_criteria"),
             )
             return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        embeddings = self.embed(batch["input_ids"], batch.get("pixel_values"))
+        embeddings = self.embed(batch["input_ids"], batch.get("pixel_values"), image_index=batch.get("image_index"))
         with self.routing(batch["input_ids"] == self.image_token_id):
             output = self.llm.generate(
                 inputs_embeds=embeddings,

@@ -1,5 +1,8 @@
 """Export an mm model to a transformers LLaVA directory (``LlavaForConditionalGeneration`` + ``LlavaProcessor``).
 
+The layout picks the target (``export_target``): ``fixed`` declares ``llava``; ``anyres`` declares ``llava_next``
+and goes through ``mm.interop.llava_next_export``, which shares the checks and weight mapping below.
+
 Mapping (exact: same logits, same greedy generation):
 - vision tower: mm's ``hf:`` encoder is a CLIP/SigLIP vision model already cut after ``select_layer``; it is
   exported with ``num_hidden_layers`` = the layers it kept and ``vision_feature_layer = -1``, which selects the
@@ -28,20 +31,35 @@ from mm.config import ModelConfig
 from mm.errors import MMError
 from mm.interop.chat_template import with_content_parts
 from mm.parts import registry
+from mm.registry import split_spec
 
 CAPABILITY = "llava"  # what an encoder / adapter part declares when it maps onto LLaVA's tower / projector
+# what a layout declares when its token stream is that of a transformers model class: the export's target
+TARGETS = {"llava": "LLaVA", "llava_next": "LlavaNext"}
+
+
+def export_target(config: ModelConfig) -> str:
+    """The transformers family a model with this config exports to: ``llava_next`` when its layout declares it
+    (anyres), else ``llava``."""
+    return "llava_next" if registry("layout").entry(config.layout.name).supports("llava_next") else "llava"
 
 
 def config_problems(config: ModelConfig) -> list[str]:
-    """Why a model with this config cannot become a LLaVA checkpoint (empty when it may)."""
+    """Why a model with this config cannot become a LLaVA / LlavaNext checkpoint (empty when it may)."""
     problems = []
     for kind in ("encoder", "adapter"):
         part = getattr(config, kind)
         if not registry(kind).entry(part.name).supports(CAPABILITY):
             able = [n for n in registry(kind).names() if registry(kind).entry(n).supports(CAPABILITY)]
             problems.append(f"{kind} {part.name!r} has no LLaVA equivalent (exportable {kind}s: {', '.join(able)})")
-    if not registry("layout").entry(config.layout.name).supports(CAPABILITY):
-        problems.append(f"layout {config.layout.name!r} has no LLaVA equivalent (LlavaNext export not implemented)")
+    layouts = registry("layout")
+    entry = layouts.entry(config.layout.name)
+    if not any(entry.supports(target) for target in TARGETS):
+        able = [f"{n} -> {TARGETS[t]}" for n in layouts.names() for t in TARGETS if layouts.entry(n).supports(t)]
+        problems.append(f"layout {config.layout.name!r} has no LLaVA or LlavaNext equivalent (exportable layouts: "
+                        f"{', '.join(able)})")
+    elif entry.supports("llava_next"):  # the layout's options decide (its own llava_next_problems)
+        problems += entry.builder(split_spec(config.layout.name)[1], config.layout.options).llava_next_problems()
     if config.moe is not None:
         problems.append("modality experts (moe) inside the LLM have no LLaVA equivalent")
     return problems
@@ -72,19 +90,21 @@ def model_problems(model) -> list[str]:
 
 
 def check_exportable(config_or_model) -> None:
-    """Raise MMError naming every part that keeps the model from becoming a LLaVA checkpoint."""
-    problems = (config_problems(config_or_model) if isinstance(config_or_model, ModelConfig)
-                else model_problems(config_or_model))
+    """Raise MMError naming every part that keeps the model from becoming a LLaVA (or, with an ``anyres``
+    layout, LlavaNext) checkpoint."""
+    config = config_or_model if isinstance(config_or_model, ModelConfig) else config_or_model.config
+    problems = config_problems(config) if config is config_or_model else model_problems(config_or_model)
     if problems:
-        raise MMError("model is not exportable to LLaVA: " + "; ".join(problems))
+        raise MMError(f"model is not exportable to {TARGETS[export_target(config)]}: " + "; ".join(problems))
 
 
 def _tower_layers(tower: nn.Module) -> int:
     return len(getattr(tower, "vision_model", tower).encoder.layers)
 
 
-def llava_config(model):
-    """The LlavaConfig equivalent to ``model`` (an exportable one)."""
+def llava_config(model, config_class=None, **extra):
+    """The LlavaConfig (or ``config_class``, e.g. LlavaNextConfig, with ``extra`` fields) equivalent to
+    ``model`` (an exportable one)."""
     from transformers import LlavaConfig
 
     encoder = model.encoder
@@ -93,7 +113,8 @@ def llava_config(model):
     text_config = copy.deepcopy(model.llm.config)
     vocab = model.llm.get_input_embeddings().num_embeddings
     text_config.vocab_size = max(vocab, model.image_token_id + 1)
-    return LlavaConfig(
+    return (config_class or LlavaConfig)(
+        **extra,
         vision_config=vision_config,
         text_config=text_config,
         image_token_index=model.image_token_id,
@@ -120,13 +141,22 @@ def to_llava(model):
     It shares the tensors of ``model`` (no second copy of a large model; no random init to overwrite), so
     changing one in place changes the other.
     """
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
-    from transformers.initialization import no_init_weights
+    from transformers import LlavaForConditionalGeneration
 
     check_exportable(model)
-    config = llava_config(model)
+    if export_target(model.config) != "llava":
+        raise MMError(f"layout {model.config.layout.name!r} exports to LlavaNext (export_llava_next), not LLaVA")
+    return with_weights(model, LlavaForConditionalGeneration, llava_config(model))
+
+
+def with_weights(model, model_class, config):
+    """``model_class(config)`` (Llava or LlavaNext) built without initialisation, holding ``model``'s tower,
+    projector and LLM tensors (shared, not copied) and its generation settings."""
+    from transformers import GenerationConfig
+    from transformers.initialization import no_init_weights
+
     with no_init_weights():
-        llava = LlavaForConditionalGeneration(config).to(model.dtype).eval()
+        llava = model_class(config).to(model.dtype).eval()
     llm = model.llm
     rows = config.text_config.vocab_size
 
@@ -162,15 +192,16 @@ def to_llava(model):
     return llava
 
 
-def llava_processor(model):
-    """A ``LlavaProcessor`` that tokenises and expands ``<image>`` exactly as ``model.tokenize`` does."""
+def llava_processor(model, processor_class=None, image_processor=None):
+    """A ``LlavaProcessor`` that tokenises and expands ``<image>`` exactly as ``model.tokenize`` does (or
+    ``processor_class``, e.g. LlavaNextProcessor, with that ``image_processor``)."""
     from transformers import LlavaProcessor
 
     encoder = model.encoder
     tokenizer = copy.deepcopy(model.tokenizer)
     template = tokenizer.chat_template
-    return LlavaProcessor(
-        image_processor=encoder.processor,
+    return (processor_class or LlavaProcessor)(
+        image_processor=image_processor or encoder.processor,
         tokenizer=tokenizer,
         patch_size=encoder.model.config.patch_size,
         vision_feature_select_strategy="default" if encoder.num_prefix_tokens == 1 else "full",
@@ -184,13 +215,16 @@ def export_llava(model, out: str | Path, max_shard_size: str | int = "4GB") -> P
     """Write ``model`` as a transformers LLaVA directory that ``from_pretrained`` loads in transformers 5.x and
     4.45+ (and vLLM / SGLang serve): the files of ``save_pretrained``, in the layout of the hub's llava-hf
     checkpoints (:func:`write_v4_conventions`), every file mode 0644."""
+    return write_export(to_llava(model), llava_processor(model), out, max_shard_size)
+
+
+def write_export(hf_model, processor, out: str | Path, max_shard_size: str | int) -> Path:
+    """``save_pretrained`` of both, rewritten into the 4.x conventions, every file mode 0644."""
     out = Path(out)
-    llava = to_llava(model)
-    processor = llava_processor(model)
     out.mkdir(parents=True, exist_ok=True)
-    llava.save_pretrained(out, max_shard_size=max_shard_size)
+    hf_model.save_pretrained(out, max_shard_size=max_shard_size)
     processor.save_pretrained(out)
-    write_v4_conventions(out)
+    write_v4_conventions(out, type(processor).__name__)
     for path in out.iterdir():
         if path.is_file():
             path.chmod(0o644)  # safetensors are written 0600; a server often runs as another user
@@ -205,7 +239,7 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_v4_conventions(out: Path) -> None:
+def write_v4_conventions(out: Path, processor_class: str = "LlavaProcessor") -> None:
     """Rewrite what transformers 5 saved into the conventions 4.x reads too (5.x reads both):
 
     - weights named as the hub's llava-hf checkpoints: ``vision_tower.vision_model.*`` (5.x drops
@@ -240,7 +274,7 @@ def write_v4_conventions(out: Path) -> None:
     processor = _read_json(out / "processor_config.json")
     image_processor = processor.pop("image_processor", None)
     if image_processor is not None:
-        _write_json(out / "preprocessor_config.json", {**image_processor, "processor_class": "LlavaProcessor"})
+        _write_json(out / "preprocessor_config.json", {**image_processor, "processor_class": processor_class})
         _write_json(out / "processor_config.json", processor)
     template = out / "chat_template.jinja"
     if template.is_file():

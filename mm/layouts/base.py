@@ -63,13 +63,22 @@ class TiledImage:
         """Tokens of this image: tiles x tokens per tile, plus the thumbnail's, plus the separators."""
         return len(self.token_ids(tokens_per_tile, 0, 1))
 
+    def feature_order(self, tokens_per_tile: int) -> list[int] | None:
+        """Per image token of this image, in stream order, the index of its feature among this image's
+        ``num_images * tokens_per_tile`` features (the images of ``images()`` one after another); None: all of
+        them, in that order (every layout here but LLaVA-NeXT's, which rearranges and drops features)."""
+        return None
+
 
 class Layout:
     """A registered layout. ``static``: every image is one tile whatever its size, so the token count is known
-    without the image (the ``fixed`` layout). ``max_image_tokens``: the per-document budget, or None."""
+    without the image (the ``fixed`` layout). ``max_image_tokens``: the per-document budget, or None.
+    ``rearranges_features``: its images' tokens take their features in another order than encoded, or not all
+    of them (``TiledImage.feature_order``); a batch then needs ``image_index`` (``ImageTiler.feature_index``)."""
 
     static: bool = False
     max_image_tokens: int | None = None
+    rearranges_features: bool = False
 
     def __call__(self, image: Image.Image, tile_size: int, budget_tiles: int | None = None) -> TiledImage:
         raise NotImplementedError
@@ -127,6 +136,19 @@ class ImageTiler:
     def spans(self, tiled: list[TiledImage]) -> list[list[int]]:
         """Per image, the ids its ``<image>`` marker expands to (tile tokens and separators)."""
         return [t.token_ids(self.tokens_per_tile, self.image_token_id, self.newline_id) for t in tiled]
+
+    def feature_index(self, tiled: list[TiledImage]) -> list[int] | None:
+        """Per image token of these images (a batch's, in order), the row of the encoded features
+        ``[tiles * tokens_per_tile, D]`` it takes; None when every image takes all its features in order."""
+        orders = [t.feature_order(self.tokens_per_tile) for t in tiled]
+        if all(order is None for order in orders):
+            return None
+        index, offset = [], 0
+        for t, order in zip(tiled, orders):
+            count = t.num_images * self.tokens_per_tile
+            index += [offset + i for i in (range(count) if order is None else order)]
+            offset += count
+        return index
 
     @staticmethod
     def tiles(tiled: list[TiledImage]) -> list[Image.Image]:

@@ -208,5 +208,5 @@ def test_llava_export_refuses_tiling_layouts_in_one_line():
 
     fixed = config_problems(ModelConfig(encoder="tiny-vit", adapter="mlp"))
     assert not any("layout" in problem for problem in fixed)
-    assert "layout 'dynamic' has no LLaVA equivalent (LlavaNext export not implemented)" in \
-        config_problems(ModelConfig(encoder="tiny-vit", adapter="mlp", layout="dynamic"))
+    assert "layout 'dynamic' has no LLaVA or LlavaNext equivalent (exportable layouts: anyres -> LlavaNext, " \
+        "fixed -> LLaVA)" in config_problems(ModelConfig(encoder="tiny-vit", adapter="mlp", layout="dynamic"))
