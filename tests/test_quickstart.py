@@ -40,5 +40,5 @@ def test_quick_start_trains_both_stages_and_answers(tmp_path, monkeypatch, capsy
                for row in result["answers"])
     for command in (f"mm chat --model {instruct / 'final'} --image {example.group(1)}",
                     f"mm serve --model {instruct / 'final'} --ui",
-                    "mm convert llava", f"mm train --recipe tiny/3_instruct init_from={instruct / 'final'}"):
+                    f"mm train --recipe tiny/3_instruct init_from={instruct / 'final'} data.train=DATA.json"):
         assert command in out

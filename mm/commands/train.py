@@ -134,9 +134,10 @@ def answer_demo(final: Path, data: Path, family: str = "lite") -> dict:
     print(f"\nnext:\n"
           f"  ask your own questions:  mm chat --model {final} --image {image}\n"
           f"  web page + OpenAI API:   mm serve --model {final} --ui    (http://127.0.0.1:8000)\n"
-          f"  train on your own data:  mm convert llava DATA.json --images DIR --out data/mine\n"
-          f"                           mm train --recipe {family}/3_instruct init_from={final} data.train=data/mine "
-          f"output_dir=runs/mine\n"
+          f"  train on your own data:  mm train --recipe {family}/3_instruct init_from={final} "
+          f"data.train=DATA.json output_dir=runs/mine\n"
+          f"                           (LLaVA JSON, images relative to its folder; or shards, or a dataset named "
+          f"in data/datasets.yaml: docs/data.md)\n"
           f"The model knows only synthetic shapes, colours, counts, sides and words: on real photos its answers "
           f"are guesses (README, 'Quick start').")
     return result
