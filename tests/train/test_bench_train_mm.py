@@ -72,6 +72,7 @@ def test_tiny_run_through_the_trainer_reports_consistent_figures(tmp_path):
     assert report["mfu_with_attention"] > report["mfu"] > report["llm_mfu"] > 0
     assert report["llm_mfu_6n"] > report["llm_mfu"]  # the head runs at labelled positions only
     assert report["gpu_train_mfu"] == "n/a" and report["device"] == "cpu"
+    assert report["attention"].startswith("mm_packed_sdpa")  # the loop's own line: per-document SDPA on CPU
     assert report["peak_memory_gb"] > 0
 
     # the parameter counts the FLOPs use are the trained model's (LLM; the tower as cut at select_layer -2)

@@ -29,6 +29,7 @@ GPU, fp32 512^3 on CPU); ``gpu_train_mfu`` = ``mfu`` on CUDA, ``"n/a"`` on CPU. 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -37,11 +38,14 @@ import resource
 import shutil
 import socket
 import statistics
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from mm.errors import MMError
 
 
 @dataclass(frozen=True)
@@ -251,6 +255,23 @@ def single_process_env() -> None:
             os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
 
 
+class Tee(io.TextIOBase):
+    """Writes through to ``stream`` and keeps a copy."""
+
+    def __init__(self, stream):
+        self.stream, self.parts = stream, []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
 def read_metrics(run: Path) -> list[dict]:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [line for line in lines if "tokens_per_s" in line]
@@ -267,8 +288,8 @@ def measure(size_name: str = "tiny", device: str = "cpu", workdir: str | Path | 
     """Write the inputs under ``workdir`` (a temporary folder, removed after, when None), train, report.
     ``changes``: other values for ``Size`` fields (``batch_size=4``, ``seq_len=4096``)."""
     if device.startswith("cuda") != torch.cuda.is_available():
-        raise SystemExit(f"train_mm: --device {device}, but CUDA is {'' if torch.cuda.is_available() else 'not '}"
-                         "available (the engine trains on the GPU whenever there is one)")
+        raise MMError(f"device {device}, but CUDA is {'' if torch.cuda.is_available() else 'not '}available "
+                           "(the engine trains on the GPU whenever there is one)")
     changes = {key: value for key, value in {**changes, "steps": steps}.items() if value is not None}
     size = Size(**{**asdict(SIZES[size_name]), **changes})
     temporary = workdir is None
@@ -305,7 +326,11 @@ def _measure(size: Size, size_name: str, device: str, root: Path, compile: bool)
     single_process_env()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    final = train(config, batches=batches, progress=False)
+    log = Tee(sys.stdout)
+    with contextlib.redirect_stdout(log):  # the loop states the attention path it chose in one line
+        final = train(config, batches=batches, progress=False)
+    attention = next((line.removeprefix("attention: ") for line in log.text().splitlines()
+                      if line.startswith("attention: ")), "not stated")
 
     logged = read_metrics(Path(config.output_dir))
     total_steps = size.warmup + size.steps
@@ -325,6 +350,7 @@ def _measure(size: Size, size_name: str, device: str, root: Path, compile: bool)
     return {
         "size": size_name, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "precision": "bf16" if cuda else "fp32", "zero_stage": config.trainer.zero_stage, "compile": compile,
+        "attention": attention,
         "seq_len": size.seq_len, "batch_size": size.batch_size, "warmup_steps": size.warmup, "steps": n,
         "tokens_per_s": tokens / seconds,
         "tokens_per_s_median": statistics.median(m["tokens_per_s"] for m in measured),
@@ -376,8 +402,11 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=None, help="loader processes (default: the size's)")
     parser.add_argument("--compile", action="store_true", help="trainer.compile (torch.compile the decoder)")
     args = parser.parse_args()
-    report = measure(args.size, args.device, args.workdir, args.steps, args.compile, batch_size=args.batch_size,
-                     seq_len=args.seq_len, num_workers=args.num_workers)
+    try:
+        report = measure(args.size, args.device, args.workdir, args.steps, args.compile, batch_size=args.batch_size,
+                         seq_len=args.seq_len, num_workers=args.num_workers)
+    except MMError as exc:  # a refused input or config: one line
+        parser.exit(2, f"train_mm: error: {exc}\n")
     print(json.dumps(report, indent=2, default=str))
 
 
