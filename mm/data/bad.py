@@ -6,8 +6,8 @@ Two families of reasons:
 - **bad** (``BAD_REASONS``): the data is broken (corrupt image, malformed JSON, ``<image>`` markers that do not
   match the images, ...). These count toward ``max_bad_fraction``.
 - **dropped** (``DROP_REASONS``): a valid document this run cannot use (another kind than the run asks for, too
-  long for ``seq_len``, nothing to learn from, or, in ``mm eval``, without what the task needs). Counted and
-  logged, never "bad".
+  long for ``seq_len``, more image tokens than the budget allows, nothing to learn from, or, in ``mm eval``,
+  without what the task needs). Counted and logged, never "bad".
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ log = logging.getLogger("mm.data")
 
 BAD_REASONS = ("corrupt_image", "truncated_image", "decompression_bomb", "zero_bytes", "missing_member",
                "malformed_json", "image_mismatch", "truncated_tar")
-DROP_REASONS = ("kind_mismatch", "too_long", "no_target", "task_mismatch")  # task_mismatch: mm eval only
+DROP_REASONS = ("kind_mismatch", "too_long", "too_many_image_tokens", "no_target",
+                "task_mismatch")  # task_mismatch: mm eval only
 _QUIET = ("kind_mismatch", "task_mismatch")  # expected in mixed corpora: logged at INFO, not WARNING
 REASONS = BAD_REASONS + DROP_REASONS
 EXAMPLES_PER_REASON = 5  # (shard, key, detail) kept per reason; counts are exact, examples bounded

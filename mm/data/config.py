@@ -18,6 +18,7 @@ class DataConfig:
     batch_size: int = 4  # rows per step (per process)
     seq_len: int = 512  # tokens per row
     pack: bool = True  # pack several documents per row (block-diagonal attention)
+    max_row_image_tokens: int | None = None  # image tokens (tiles, thumbnails, separators) one row may hold
     shuffle_buffer: int = 256
     resample: bool = True  # loop over the sources forever (training); False = one pass
     num_workers: int = 0

@@ -131,7 +131,8 @@ class DocStream(IterableDataset):
 
     def _groups(self, items: Iterator[Item]) -> Iterator[Any]:
         if self.kind != "preference" and self.data.pack:
-            yield from Packer(self.data.seq_len, self.data.batch_size)(items)
+            yield from Packer(self.data.seq_len, self.data.batch_size,
+                              max_image_tokens=self.data.max_row_image_tokens)(items)
             return
         group: list[Item] = []
         for item in items:
@@ -269,12 +270,15 @@ def build_loader(data: DataConfig, model, rank: int = 0, world_size: int = 1, sk
         raise MMError(f"rank {rank} is outside world_size {world_size}")
     if data.batch_size < 1 or data.seq_len < 1:
         raise MMError("data.batch_size and data.seq_len must be positive")
+    if data.max_row_image_tokens is not None and data.max_row_image_tokens < 1:
+        raise MMError(f"data.max_row_image_tokens must be positive or null, got {data.max_row_image_tokens}")
     if data.max_consecutive_skips < 0:
         raise MMError(f"data.max_consecutive_skips must be 0 (no limit) or positive, got {data.max_consecutive_skips}")
     if isinstance(model, Renderer):
         renderer = dataclasses.replace(model, seq_len=data.seq_len)
     else:
         renderer = Renderer.from_model(model, data.seq_len)
+    renderer = dataclasses.replace(renderer, max_row_image_tokens=data.max_row_image_tokens)
     pad_id = renderer.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = renderer.tokenizer.eos_token_id

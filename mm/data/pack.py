@@ -6,6 +6,8 @@ document boundaries the attention path keeps apart (mm/llm/attention.py: flash v
 LLM's own mask derived from positions). No ``[B, 1, T, T]`` mask is built, so memory stays linear in T.
 Padding at the end of a packed row forms its own block (positions restart there; it never carries loss). A
 document's first token is no target (alone, nothing predicts it; packed, the previous document's last token would).
+With ``max_image_tokens`` (``data.max_row_image_tokens``) a row also never holds more image tokens (tiles,
+thumbnails, separators) than that: a document goes to a row with room for both its tokens and its image tokens.
 """
 from __future__ import annotations
 
@@ -14,35 +16,48 @@ from typing import Iterable, Iterator
 import torch
 
 from mm.data.render import Item, Sequence
+from mm.errors import MMError
 from mm.prompt import IGNORE
 
 
 class Packer:
-    """Best-fit packing of items into rows of ``seq_len`` tokens; yields lists of ``batch_size`` rows
-    (each row a list of items). ``open_rows`` bounds how many partially filled rows wait for more documents."""
+    """Best-fit packing of items into rows of ``seq_len`` tokens (and at most ``max_image_tokens`` image tokens,
+    when given); yields lists of ``batch_size`` rows (each row a list of items). ``open_rows`` bounds how many
+    partially filled rows wait for more documents. An item over either bound on its own is an MMError: the
+    renderer drops such documents before they get here."""
 
-    def __init__(self, seq_len: int, batch_size: int, open_rows: int | None = None):
+    def __init__(self, seq_len: int, batch_size: int, open_rows: int | None = None,
+                 max_image_tokens: int | None = None):
         self.seq_len, self.batch_size = seq_len, batch_size
         self.open_rows = open_rows or max(8, 4 * batch_size)
+        self.max_image_tokens = max_image_tokens
 
     def __call__(self, items: Iterable[Item]) -> Iterator[list[list[Item]]]:
+        image_cap = self.seq_len if self.max_image_tokens is None else self.max_image_tokens
         rows: list[list[Item]] = []
-        room: list[int] = []
+        room: list[int] = []  # tokens each open row can still take
+        image_room: list[int] = []  # image tokens each open row can still take
         ready: list[list[Item]] = []
         for item in items:
-            size = len(item.rows[0])
-            fits = [i for i, r in enumerate(room) if r >= size]
+            size, images = len(item.rows[0]), item.rows[0].image_tokens
+            if size > self.seq_len or images > image_cap:
+                raise MMError(f"document {item.key}: {size} tokens, {images} of them image tokens, exceed the row "
+                              f"({self.seq_len} tokens, {image_cap} image tokens)")
+            fits = [i for i, r in enumerate(room) if r >= size and image_room[i] >= images]
             if fits:
                 best = min(fits, key=lambda i: (room[i], i))
                 rows[best].append(item)
                 room[best] -= size
+                image_room[best] -= images
             else:
                 if len(rows) >= self.open_rows:
                     fullest = min(range(len(rows)), key=lambda i: (room[i], i))
                     ready.append(rows.pop(fullest))
                     room.pop(fullest)
+                    image_room.pop(fullest)
                 rows.append([item])
                 room.append(self.seq_len - size)
+                image_room.append(image_cap - images)
             while len(ready) >= self.batch_size:
                 yield ready[: self.batch_size]
                 ready = ready[self.batch_size:]

@@ -5,8 +5,10 @@ Truncation to ``seq_len`` never cuts an image's placeholder run in half: the par
 are dropped. ``Renderer.item`` turns one parsed document into what the packer consumes, or raises ``BadSample``:
 ``kind_mismatch`` (not the kind the run asks for), ``image_mismatch`` (its ``<image>`` markers, counted after
 rendering, do not match its images: a literal ``<image>`` in its text, say), ``no_target`` (no loss token at all),
-``too_long`` (no loss token left after truncation, or its first image does not fit), ``malformed_json`` (it
-cannot be rendered, the chat template refuses it), or an image reason (every image is decoded, even past a cut).
+``too_long`` (no loss token left after truncation, or its first image does not fit), ``too_many_image_tokens``
+(its images need more image tokens than the layout's ``max_image_tokens`` or ``data.max_row_image_tokens`` allow,
+even at one tile each), ``malformed_json`` (it cannot be rendered, the chat template refuses it), or an image
+reason (every image is decoded, even past a cut).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class Sequence:
     markers: int = 0  # <image> markers of the whole rendered document, before truncation
     full_length: int = 0  # tokens of the whole document (placeholders expanded), before truncation
     targets: int = 0  # loss tokens of the whole document, before truncation
+    image_tokens: int = 0  # tokens of the kept images' spans (tiles, thumbnails, separators), after truncation
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -51,7 +54,9 @@ class Item:
 @dataclass
 class Renderer:
     """Everything the loader takes from the model (picklable, so DataLoader workers get a copy, not the model).
-    With a tiling layout (``mm.layouts``), an item's images are its kept images' tiles in token order."""
+    With a tiling layout (``mm.layouts``), an item's images are its kept images' tiles in token order.
+    ``max_row_image_tokens`` (``data.max_row_image_tokens``) caps the image tokens of one row: a document's
+    images are laid out within it (fewer tiles) and a document that cannot fit it is dropped."""
 
     tokenizer: Any
     image_token_id: int
@@ -59,6 +64,7 @@ class Renderer:
     transform: Callable | None  # PIL RGB -> [3, H, W]
     seq_len: int
     tiler: Any = None  # mm.layouts.ImageTiler: each image's tiles and token span (None: one tile per image)
+    max_row_image_tokens: int | None = None  # image tokens one row may hold (None: no cap)
 
     @classmethod
     def from_model(cls, model, seq_len: int) -> "Renderer":
@@ -86,9 +92,9 @@ class Renderer:
             for start, length in runs:
                 if start < cut < start + length:
                     cut = start  # never keep part of an image
-        kept = sum(1 for start, length in runs if start + length <= cut)
+        kept = [length for start, length in runs if start + length <= cut]
         targets = sum(1 for label in out_labels if label != IGNORE)
-        return Sequence(out_ids[:cut], out_labels[:cut], kept, len(runs), len(out_ids), targets)
+        return Sequence(out_ids[:cut], out_labels[:cut], len(kept), len(runs), len(out_ids), targets, sum(kept))
 
     def render_lm(self, doc: dict[str, Any], spans: list[list[int]] | None = None) -> Sequence:
         """Chat (and preference as chat with the chosen answer) or interleaved -> one row."""
@@ -141,19 +147,26 @@ class Renderer:
             if all(label < 0 for label in row.labels):
                 raise BadSample("too_long", f"{row.full_length} tokens; no loss token left within "
                                 f"seq_len={self.seq_len}")
+            if self.max_row_image_tokens is not None and row.image_tokens > self.max_row_image_tokens:
+                raise BadSample("too_many_image_tokens", f"its {row.num_images} image(s) take {row.image_tokens} "
+                                f"tokens; data.max_row_image_tokens={self.max_row_image_tokens}")
         kept = rows[0].num_images
         pictures = decoded[:kept] if tiled is None else self.tiler.tiles(tiled[:kept])  # what the encoder sees
         return Item(key, rows, pictures, doc.get("ref_logp"), {"kind": doc["kind"], "lang": doc.get("lang")})
 
     def lay_out(self, images: list) -> tuple[list | None, list[list[int]] | None]:
-        """The document's images laid out by the model's layout, and each one's token span; ``(None, None)`` when
-        every image is one tile of ``tokens_per_image`` tokens (the ``fixed`` layout, or no tiler)."""
+        """The document's images laid out by the model's layout within the tighter of its ``max_image_tokens``
+        and ``max_row_image_tokens``, and each one's token span; ``(None, None)`` when every image is one tile of
+        ``tokens_per_image`` tokens (the ``fixed`` layout, or no tiler)."""
         if self.tiler is None or not images or self.tiler.layout.static:
             return None, None
+        budgets = [b for b in (self.tiler.layout.max_image_tokens, self.max_row_image_tokens) if b is not None]
         try:
-            tiled = self.tiler.lay_out(images)
-        except MMError as exc:  # the layout's max_image_tokens cannot fit these images even at one tile each
-            raise BadSample("too_many_image_tokens", str(exc)) from None
+            tiled = self.tiler.lay_out(images, min(budgets) if budgets else None)
+        except MMError as exc:  # the budget cannot fit these images even at one tile each
+            which = "data.max_row_image_tokens" if min(budgets) == self.max_row_image_tokens else \
+                "the layout's max_image_tokens"
+            raise BadSample("too_many_image_tokens", f"{exc} ({which})") from None
         return tiled, self.tiler.spans(tiled)
 
     # ----- images -----------------------------------------------------------------------------------------

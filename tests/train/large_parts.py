@@ -1,9 +1,11 @@
 """Architectures of the large recipes' local weight directories, as configs only (no weights, no download)."""
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
+import torch
 from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config
 
 from mm.compose import build_encoder
@@ -35,3 +37,20 @@ def vision_tower(model_config):
     directory = Path(tempfile.mkdtemp(prefix="mm-large-"))
     TOWERS[Path(arg).name]().save_pretrained(directory)
     return build_encoder(model_config, pretrained=False, saved=directory)
+
+
+def meta_model(model_config):
+    """The architecture of ``model_config`` (a large recipe's) with every tensor on the meta device: configs only,
+    no weights; layout, tile size and token ids as the real model has them."""
+    from transformers import AutoModelForCausalLM
+
+    import mm.adapters  # noqa: F401  (registration)
+    from mm.compose import assemble
+    from mm.llm.base import prepare_tokenizer
+    from mm.llm.tiny import tiny_tokenizer
+
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(llm_config(model_config.llm))
+        encoder = vision_tower(model_config)
+    # a copy: assemble adds <image> to the tokenizer, and the cached one is shared by every tiny build
+    return assemble(model_config, encoder, llm, prepare_tokenizer(copy.deepcopy(tiny_tokenizer())))
