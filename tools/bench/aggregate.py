@@ -5,7 +5,8 @@
 Each module ``tools.bench.<topic>`` has ``run(quick=False[, device=...]) -> dict``; a module that is missing or
 fails is skipped with its reason recorded. Headline figures are picked from the modules' results (see FIGURES)
 and each carries the machine it came from. With ``--device cuda`` the modules that take a ``device`` run on the
-GPU and ``tools.bench.train_gpu`` adds the training-step MFU of a ~0.5B-parameter configuration (``gpu_mfu``);
+GPU, ``tools.bench.train_gpu`` adds the training-step MFU of a ~0.5B-parameter configuration (``gpu_mfu``) and
+``tools.bench.train_mm`` the same through ``mm.train`` itself (``gpu_train_mfu``);
 never used by tests.
 """
 from __future__ import annotations
@@ -36,6 +37,8 @@ FIGURES = {
     "mfu": (">= 0.75", "train:mfu"),
     "decode_bandwidth_fraction": ("", "generate:decode_bandwidth_fraction"),
     "gpu_mfu": ("", "train_gpu:mfu"),  # --device cuda only: ~0.5B training step, bf16
+    "gpu_train_mfu": (">= 0.45", "train_mm:gpu_train_mfu"),  # --device cuda only: mm.train, 0.5B + ViT-L/14-336,
+    # bf16, ZeRO-2, packed 8k rows
     "checkpoint_overhead": ("<= 1.1", "checkpoint:checkpoint_overhead"),  # bytes per checkpoint / trainable state
     "grad_ckpt_memory_ratio": ("<= 0.6", "grad_ckpt:grad_ckpt_memory_ratio"),  # 4,096-token step peak, with / without
     "long_packed_step_ratio": ("<= 1.0", "packing:long_packed_step_ratio"),  # 8,192-token step, 8 docs / causal
@@ -106,8 +109,8 @@ def run_module(name: str, quick: bool, device: str) -> tuple[dict | None, str | 
 
 def collect(quick: bool, device: str, modules: list[str]) -> dict:
     results, skipped, seconds = {}, {}, {}
-    if device.startswith("cuda") and "train_gpu" not in modules:
-        modules = modules + ["train_gpu"]  # the ~0.5B training-step MFU: GPU runs only
+    if device.startswith("cuda"):  # GPU-only figures: the bare ~0.5B step and the same through mm.train
+        modules = modules + [m for m in ("train_gpu", "train_mm") if m not in modules]
     for name in modules:
         result, reason, took = run_module(name, quick, device)
         seconds[name] = round(took, 1)
