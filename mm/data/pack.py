@@ -68,9 +68,22 @@ class Packer:
 
 
 def _pixels(items: Iterable[Item], transform) -> dict[str, torch.Tensor]:
-    """All images of the batch in order of appearance -> ``pixel_values`` ``[I, 3, H, W]`` (absent if none)."""
+    """All images of the batch in order of appearance -> ``pixel_values`` ``[I, 3, H, W]`` (absent if none), and
+    ``image_index`` ``[P]`` when a layout rearranges features: each item's index shifted past the features of the
+    items before it (the contract of ``model.embed``)."""
+    items = list(items)
     images = [image for item in items for image in item.images]
-    return {"pixel_values": torch.stack([transform(image) for image in images])} if images else {}
+    if not images:
+        return {}
+    batch = {"pixel_values": torch.stack([transform(image) for image in images])}
+    if any(item.image_index is not None for item in items):
+        index, offset = [], 0
+        for item in items:
+            rows = len(item.images) * item.feature_rows_per_image
+            index += [offset + i for i in (range(rows) if item.image_index is None else item.image_index)]
+            offset += rows
+        batch["image_index"] = torch.tensor(index, dtype=torch.long)
+    return batch
 
 
 def collate_packed(rows: list[list[Item]], pad_id: int, transform) -> dict[str, torch.Tensor]:

@@ -46,9 +46,13 @@ class Item:
 
     key: str
     rows: list[Sequence]  # one row, or [chosen, rejected] for preference pairs
-    images: list = field(default_factory=list)  # decoded RGB PIL images, in order of appearance
+    images: list = field(default_factory=list)  # decoded RGB PIL images (or their tiles), in order of appearance
     ref_logp: dict[str, float] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # a layout that rearranges features (anyres llava_next): per image token, the row of this item's features
+    # [len(images) * feature_rows_per_image, D] it takes (mm.layouts.ImageTiler.feature_index); None: all in order
+    image_index: list[int] | None = None
+    feature_rows_per_image: int = 0
 
 
 @dataclass
@@ -152,7 +156,9 @@ class Renderer:
                                 f"tokens; data.max_row_image_tokens={self.max_row_image_tokens}")
         kept = rows[0].num_images
         pictures = decoded[:kept] if tiled is None else self.tiler.tiles(tiled[:kept])  # what the encoder sees
-        return Item(key, rows, pictures, doc.get("ref_logp"), {"kind": doc["kind"], "lang": doc.get("lang")})
+        index = None if tiled is None else self.tiler.feature_index(tiled[:kept])
+        return Item(key, rows, pictures, doc.get("ref_logp"), {"kind": doc["kind"], "lang": doc.get("lang")},
+                    index, self.tokens_per_image)
 
     def lay_out(self, images: list) -> tuple[list | None, list[list[int]] | None]:
         """The document's images laid out by the model's layout within the tighter of its ``max_image_tokens``

@@ -24,6 +24,7 @@ def option_logprobs(model, questions: list[Question], chat: bool = True, reduce:
     tokenizer = model.tokenizer
     rows: list[tuple[list[int], int, int]] = []  # (ids, option start, question index)
     tiles: list[torch.Tensor] = []  # per question: its images' tiles [n_q, 3, H, W] in token order
+    orders: list[list[int] | None] = []  # per question with images: the feature rows its image tokens take
     for q, (messages, images, options) in enumerate(questions):
         laid_out = model.layout_images(images) if images else []
         prompt, _ = model.tokenize(messages, chat=chat, add_generation_prompt=True, images=laid_out)
@@ -34,6 +35,7 @@ def option_logprobs(model, questions: list[Question], chat: bool = True, reduce:
             rows.append((prompt + option_ids, len(prompt), q))
         if laid_out:
             tiles.append(model.preprocess(laid_out))
+            orders.append(model.image_tiler.feature_index(laid_out))  # None: all, in order
     width = max(len(ids) for ids, _, _ in rows)
     pad = tokenizer.pad_token_id
     device = model.device
@@ -45,10 +47,11 @@ def option_logprobs(model, questions: list[Question], chat: bool = True, reduce:
     if tiles:
         features = model.encode_images(torch.cat(tiles).to(device))  # [tiles, M, D], once per question
         per_question, start = [], 0
-        counts = iter(len(t) for t in tiles)
+        counts, order = iter(len(t) for t in tiles), iter(orders)
         for messages, images, _ in questions:
-            count = next(counts) if images else 0
-            per_question.append(features[start : start + count].flatten(0, 1))  # [n_q * M, D]
+            count, index = (next(counts), next(order)) if images else (0, None)
+            mine = features[start : start + count].flatten(0, 1)  # [n_q * M, D]
+            per_question.append(mine if index is None else mine[torch.tensor(index, device=mine.device)])
             start += count
         spliced = torch.cat([per_question[q] for _, _, q in rows])  # [R * n_q * M, D] in row order
         if spliced.shape[0] != int(is_image.sum()):

@@ -23,8 +23,9 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return -F.logsigmoid(beta * logits)
 
 
-def _both(batch) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows as one batch ``[2B, T]`` (one forward for both)."""
+def _both(batch, feature_rows_per_image: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows as one batch ``[2B, T]`` (one forward for both); the rejected side's
+    ``image_index`` moves past the chosen side's features."""
     chosen, rejected = batch["chosen"], batch["rejected"]
     if chosen["input_ids"].shape[1] != rejected["input_ids"].shape[1]:
         raise MMError("preference batch: chosen and rejected must be padded to the same width")
@@ -32,12 +33,15 @@ def _both(batch) -> dict[str, torch.Tensor]:
             if k in chosen}
     if "pixel_values" in chosen:
         both["pixel_values"] = torch.cat([chosen["pixel_values"], rejected["pixel_values"]])
+    if "image_index" in chosen:
+        shift = len(chosen["pixel_values"]) * feature_rows_per_image
+        both["image_index"] = torch.cat([chosen["image_index"], rejected["image_index"] + shift])
     return both
 
 
 def pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed log-probs of chosen ``[B]`` and rejected ``[B]`` and labelled-token counts of chosen ``[B]``."""
-    total, count = sequence_logps(model, _both(batch))
+    total, count = sequence_logps(model, _both(batch, model.tokens_per_image))
     B = batch["chosen"]["input_ids"].shape[0]
     return total[:B], total[B:], count[:B]
 

@@ -20,7 +20,7 @@ def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     input_ids = batch["input_ids"]
     attention_mask, position_ids = batch.get("attention_mask"), batch.get("position_ids")
     documents = document_kwargs(model.llm, position_ids, attention_mask)  # {} unless flash varlen on packed rows
-    embeddings = model.embed(input_ids, batch.get("pixel_values"))  # [B, T, D]
+    embeddings = model.embed(input_ids, batch.get("pixel_values"), image_index=batch.get("image_index"))  # [B, T, D]
     decoder = model.llm.get_decoder()
     with model.routing(input_ids == model.image_token_id):
         out = decoder(
