@@ -110,10 +110,9 @@ def test_chat_commands_editing_history_and_ctrl_c(talker, tmp_path):
     chat.type("describe both\r")
     chat.expect("mm> ")
     partial = chat.expect(" he") + " he"  # the answer is streaming
-    started = time.monotonic()
-    chat.type(CTRL_C)
-    partial += chat.expect(" [stopped]", timeout=30).replace("^C", "")
-    assert time.monotonic() - started < 20 and 0 < len(partial.split()) < 1500
+    chat.type(CTRL_C)  # without it the answer runs on to --max-new-tokens 1500 and never says [stopped]
+    partial += chat.expect(" [stopped]").replace("^C", "")
+    assert 0 < len(partial.split()) < 1500
     chat.expect("you> ")
 
     # readline: the arrow keys edit the line; Up recalls the previous one
