@@ -89,6 +89,8 @@ def test_user_deepspeed_json_fills_auto(tmp_path):
     (["bogus.key=1"], "unknown config key"),
     (["data.train="], "missing required config key data.train"),
     (["trainer.max_steps=0"], "trainer.max_steps must be a positive"),
+    (["data.batch_size=0"], "data.batch_size must be a positive integer, got 0"),
+    (["data.max_row_image_tokens=-5"], "data.max_row_image_tokens must be a positive integer, got -5"),
     (["stage.loss=ppo"], "config key stage.loss: unknown loss 'ppo'; choose one of: distill, dpo"),
     (["trainer.precision=fp16"], "config key trainer.precision: expected one of 'fp32', 'bf16', got 'fp16'"),
     (["stage.trainable=[{pattern: 'adapter.*', lr: fast}]"], r"config key stage.trainable\[0\].lr: expected float \| None, got 'fast'"),
