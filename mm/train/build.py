@@ -5,6 +5,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import mm
+from mm.config import ModelConfig
 from mm.errors import MMError
 from mm.loading import resolve_model_dir
 from mm.train.config import TrainConfig
@@ -12,22 +13,34 @@ from mm.train.losses.base import auxiliary_losses
 
 
 def build_student(config: TrainConfig):
-    """``init_from`` (its saved architecture wins; ``model.*`` is ignored) or ``mm.build(config.model)``, made
-    ready to train: every pass calls every module (``lockstep``, which ZeRO-3 needs), activation checkpointing
-    when ``trainer.gradient_checkpointing``."""
+    """``init_from`` (its saved architecture wins over ``model.*``, but for what a stage may add: modality experts,
+    and another image layout; see ``continue_from``) or ``mm.build(config.model)``, made ready to train: every
+    pass calls every module (``lockstep``, which ZeRO-3 needs), activation checkpointing when
+    ``trainer.gradient_checkpointing``."""
     torch.manual_seed(config.trainer.seed)  # fresh adapters (and tiny towers) initialise identically on every rank
     if config.init_from:
-        model = mm.load(resolve_model_dir(config.init_from))
-        if config.model.moe is not None and model.moe is None:
-            from mm.moe import attach_experts
-
-            model.config.moe = config.model.moe
-            attach_experts(model, config.model.moe)
+        model = continue_from(mm.load(resolve_model_dir(config.init_from)), config)
     else:
         model = mm.build(config.model)
     model.lockstep = True
     if config.trainer.gradient_checkpointing:
         checkpoint_activations(model)
+    return model
+
+
+def continue_from(model, config: TrainConfig):
+    """``init_from``'s model as this stage changes it: modality experts attached when ``model.moe`` asks for them
+    and it has none; the image layout replaced when ``model.layout`` is not the default ``fixed`` (a layout holds
+    no weights: LLaVA-NeXT aligns at one tile, then tunes on AnyRes grids). Works on the meta device too."""
+    if config.model.moe is not None and model.moe is None:
+        from mm.moe import attach_experts
+
+        model.config.moe = config.model.moe
+        attach_experts(model, config.model.moe)
+    layout = config.model.layout
+    if layout.name != ModelConfig().layout.name and layout != model.config.layout:
+        model.config.layout = layout
+        model.layout  # built once now: its options are checked before any weight moves  # noqa: B018
     return model
 
 

@@ -122,7 +122,7 @@ def meta_model(config: TrainConfig):
 
     from mm.compose import assemble, build_llm
     from mm.loading import encoder_skeleton
-    from mm.train.build import apply_lora
+    from mm.train.build import apply_lora, continue_from
 
     try:
         if config.init_from:
@@ -132,11 +132,8 @@ def meta_model(config: TrainConfig):
 
             directory = resolve_model_dir(config.init_from)
             model = skeleton(read_config(directory), directory, load_tokenizer(directory / "tokenizer"), meta=True)
-            if config.model.moe is not None and model.moe is None:
-                from mm.moe import attach_experts
-
-                with torch.device("meta"):
-                    attach_experts(model, config.model.moe)
+            with torch.device("meta"):
+                continue_from(model, config)
         else:
             encoder = encoder_skeleton(config.model)
             with torch.device("meta"):

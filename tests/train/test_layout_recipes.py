@@ -30,7 +30,10 @@ def recipe(path: Path) -> TrainConfig:
     while root.init_from:
         stages = [load_config(TrainConfig, [p]) for p in path.parent.glob("*.yaml")]
         root = next(p for p in stages if p.output_dir == root.init_from)
+    layout = config.model.layout  # a stage's own non-default layout replaces init_from's (continue_from)
     config.model = root.model
+    if layout.name != "fixed":
+        config.model.layout = layout
     return config
 
 

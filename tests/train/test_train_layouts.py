@@ -49,3 +49,15 @@ def test_a_dynamic_tiling_model_trains_and_reloads(corpus, tmp_path):
     final = run(config)
     model = mm.load(final)
     assert model.config.layout.name == "dynamic" and model.config.layout.options.max_tiles == 4
+
+
+def test_a_stage_can_switch_init_froms_layout(corpus, tmp_path):
+    """LLaVA-NeXT's schedule: align at one tile per image, then tune on AnyRes grids from that run."""
+    align = run(tiny_config("1_align", tmp_path / "align", corpus, "data.seq_len=256"))
+    assert mm.load(align).config.layout.name == "fixed"
+    tuned = run(tiny_config("1_align", tmp_path / "anyres", corpus, f"init_from={align}", "data.seq_len=512",
+                            "model.layout.name=anyres", "model.layout.arrangement=llava_next"))
+    model = mm.load(tuned)
+    assert model.config.layout.name == "anyres" and model.layout.rearranges_features
+    kept = run(tiny_config("1_align", tmp_path / "kept", corpus, f"init_from={tuned}", "data.seq_len=512"))
+    assert mm.load(kept).config.layout == model.config.layout  # the default model.layout keeps init_from's
