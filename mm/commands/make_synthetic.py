@@ -1,6 +1,8 @@
 """``mm make-synthetic``: generate the synthetic, learnable shapes/colours/counts/words corpus (mm/data/synthetic.py).
 
-    mm make-synthetic --out DIR [--n 2000] [--n-val N] [--seed 0]
+    mm make-synthetic --out DIR [--n 2000] [--n-val N] [--seed 0] [--scenes mixed|wide-words]
+
+``--scenes wide-words``: every scene a small word on a wide (4:1) canvas, the OCR check of image layouts.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--n-val", type=int, default=None, help="held-out documents per kind (default n/10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--scenes", default="mixed", choices=("mixed", "wide-words"),
+                        help="mixed: shapes and large words on 96 px squares (default); wide-words: small words "
+                             "at random places on 384 x 96 canvases")
     parser.add_argument("--overwrite", action="store_true", help="regenerate even if DIR holds the same corpus")
     parser.set_defaults(run=run)
 
@@ -32,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     writable_dir(args.out, "--out", keep=False)
     out = make_synthetic(args.out, n=args.n, seed=args.seed, n_val=args.n_val,
-                         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite, progress=True)
+                         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite, progress=True,
+                         scenes=args.scenes)
     print(json.dumps(json.loads((out / "manifest.json").read_text())["docs_per_kind"]))
     return 0

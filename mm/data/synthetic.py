@@ -1,7 +1,10 @@
 """A generated, learnable image-text corpus: rendered shapes (kind, colour, count, side) and short words.
 
 Every question is answerable from the image and every answer comes from a small vocabulary, so a tiny model
-learns it in minutes. Written in all three document kinds, with a held-out split:
+learns it in minutes. ``scenes`` picks the mix: ``mixed`` (the default: 96 px squares, one scene in five a large
+word) or ``wide-words`` (every scene a word in small type at a random place on a 4:1 canvas, 384 x 96: an OCR
+check for image layouts, see tools/bench/ocr_layouts.py). Written in all three document kinds, with a held-out
+split:
 
     DIR/train/{interleaved,chat,preference}-NNNNNN.tar
     DIR/val/{interleaved,chat,preference}-NNNNNN.tar
@@ -34,9 +37,14 @@ QUESTIONS = {  # question type -> (question, answer vocabulary)
     "word": ("What word is written?", WORDS),
 }
 VERSION = 1
+SCENES = ("mixed", "wide-words")
+WIDE = (384, 96)  # the wide-words canvas (4:1)
+WIDE_FONT = 16  # its type size in pixels: glyphs about 12 px tall, a word about 27 px wide
 
 
-def random_scene(rng: random.Random) -> dict[str, Any]:
+def random_scene(rng: random.Random, scenes: str = "mixed") -> dict[str, Any]:
+    if scenes == "wide-words":
+        return {"type": "word", "word": rng.choice(WORDS), "wide": True, "x": rng.random(), "y": rng.random()}
     if rng.random() < 0.2:
         return {"type": "word", "word": rng.choice(WORDS)}
     return {"type": "shapes", "shape": rng.choice(SHAPES), "color": rng.choice(tuple(COLOURS)),
@@ -44,7 +52,17 @@ def random_scene(rng: random.Random) -> dict[str, Any]:
 
 
 def draw_scene(scene: dict[str, Any], size: int = 96) -> bytes:
-    """PNG bytes of a scene: shapes on a 2 x 4 grid in one half of a white canvas, or a word in black."""
+    """PNG bytes of a scene: shapes on a 2 x 4 grid in one half of a white canvas, or a word in black (a wide
+    scene: ``WIDE_FONT`` px type, wholly inside a ``WIDE`` canvas at the scene's relative place ``x``, ``y``)."""
+    if scene.get("wide"):
+        image = Image.new("RGB", WIDE, "white")
+        draw = ImageDraw.Draw(image)
+        font = ImageFont.load_default(size=WIDE_FONT)
+        left, top, right, bottom = draw.textbbox((0, 0), scene["word"], font=font)
+        x = 2 + scene["x"] * (WIDE[0] - 4 - (right - left)) - left
+        y = 2 + scene["y"] * (WIDE[1] - 4 - (bottom - top)) - top
+        draw.text((x, y), scene["word"], fill="black", font=font)
+        return _png(image)
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)
     if scene["type"] == "word":
@@ -65,6 +83,10 @@ def draw_scene(scene: dict[str, Any], size: int = 96) -> bytes:
                 draw.rectangle((left, top, right, bottom), fill=colour)
             else:
                 draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=colour)
+    return _png(image)
+
+
+def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -89,16 +111,16 @@ def _image_part() -> dict[str, Any]:
     return {"type": "image", "image": "0.png"}
 
 
-def interleaved_doc(rng: random.Random) -> tuple[dict, list[bytes], list[dict]]:
-    scenes = [random_scene(rng) for _ in range(1 if rng.random() < 0.7 else rng.randint(2, 3))]
+def interleaved_doc(rng: random.Random, scenes: str = "mixed") -> tuple[dict, list[bytes], list[dict]]:
+    drawn = [random_scene(rng, scenes) for _ in range(1 if rng.random() < 0.7 else rng.randint(2, 3))]
     content: list[dict[str, Any]] = []
-    for i, scene in enumerate(scenes):
+    for i, scene in enumerate(drawn):
         content += [_image_part(), {"type": "text", "text": (" " if i else "") + caption(scene)}]
-    return {"kind": "interleaved", "lang": "en", "content": content}, [draw_scene(s) for s in scenes], scenes
+    return {"kind": "interleaved", "lang": "en", "content": content}, [draw_scene(s) for s in drawn], drawn
 
 
-def chat_doc(rng: random.Random) -> tuple[dict, list[bytes], list[dict]]:
-    scene = random_scene(rng)
+def chat_doc(rng: random.Random, scenes: str = "mixed") -> tuple[dict, list[bytes], list[dict]]:
+    scene = random_scene(rng, scenes)
     types = question_types(scene)
     asked = rng.sample(types, k=min(len(types), rng.randint(1, 2)))
     messages = []
@@ -109,8 +131,8 @@ def chat_doc(rng: random.Random) -> tuple[dict, list[bytes], list[dict]]:
     return {"kind": "chat", "lang": "en", "messages": messages}, [draw_scene(scene)], [scene]
 
 
-def preference_doc(rng: random.Random) -> tuple[dict, list[bytes], list[dict]]:
-    scene = random_scene(rng)
+def preference_doc(rng: random.Random, scenes: str = "mixed") -> tuple[dict, list[bytes], list[dict]]:
+    scene = random_scene(rng, scenes)
     q = rng.choice(question_types(scene))
     right = answer(scene, q)
     wrong = rng.choice([a for a in QUESTIONS[q][1] if a != right])
@@ -124,12 +146,17 @@ MAKERS = {"interleaved": interleaved_doc, "chat": chat_doc, "preference": prefer
 
 
 def make_synthetic(out: str | Path, n: int = 2000, seed: int = 0, n_val: int | None = None,
-                   samples_per_shard: int = 1000, overwrite: bool = False, progress: bool = False) -> Path:
-    """Write the corpus (``n`` train and ``n_val`` held-out documents per kind) unless ``out`` already holds
-    one made with the same parameters. Returns ``out``."""
+                   samples_per_shard: int = 1000, overwrite: bool = False, progress: bool = False,
+                   scenes: str = "mixed") -> Path:
+    """Write the corpus (``n`` train and ``n_val`` held-out documents per kind, ``scenes`` one of ``SCENES``)
+    unless ``out`` already holds one made with the same parameters. Returns ``out``."""
+    if scenes not in SCENES:
+        raise ValueError(f"scenes {scenes!r}: choose one of {', '.join(SCENES)}")
     out = Path(out)
     n_val = max(20, n // 10) if n_val is None else n_val
     params = {"version": VERSION, "n": n, "n_val": n_val, "seed": seed}
+    if scenes != "mixed":  # the default corpus keeps the manifest it always had
+        params["scenes"] = scenes
     manifest = out / "manifest.json"
     if manifest.exists() and not overwrite:
         if json.loads(manifest.read_text()).get("params") == params:
@@ -147,16 +174,16 @@ def make_synthetic(out: str | Path, n: int = 2000, seed: int = 0, n_val: int | N
             rng = random.Random(f"{seed}/{split}/{kind}")
             with ShardWriter(out / split, prefix=kind, samples_per_shard=samples_per_shard) as writer:
                 for i in range(count):
-                    doc, images, scenes = maker(rng)
+                    doc, images, drawn = maker(rng, scenes)
                     doc["source"] = {"synthetic": {"seed": seed, "split": split, "index": i}}
                     writer.add(f"{kind}{i:07d}", doc, images)
                     if split == "val" and kind == "chat":
                         name = f"images/{i:05d}.png"
                         (out / "val" / "images").mkdir(parents=True, exist_ok=True)
                         (out / "val" / name).write_bytes(images[0])
-                        for q in question_types(scenes[0]):
+                        for q in question_types(drawn[0]):
                             qa.append({"image": name, "question": QUESTIONS[q][0],
-                                       "answer": answer(scenes[0], q), "type": q})
+                                       "answer": answer(drawn[0], q), "type": q})
                     if bar:
                         bar.update()
     if bar:
