@@ -17,6 +17,6 @@ def test_both_layouts_train_the_same_steps_and_report_their_costs(tmp_path):
     tokens = mm.load(tmp_path / "run" / "fixed" / "3_instruct" / "final").tokens_per_image
     assert fixed["tokens_per_image"] == tokens and dynamic["tokens_per_image"] == 5 * tokens + 1  # + one newline
     for side in (fixed, dynamic):
-        assert 0 <= side["accuracy"] <= 1 and side["train_s"] > 0 and side["eval_s"] > 0
+        assert 0 <= side["accuracy"] <= 1 and side["train_s"] >= 0 and side["eval_s"] >= 0  # (0.0 when rounded)
     saved = mm.load(tmp_path / "run" / "dynamic" / "3_instruct" / "final").config.layout
     assert saved.name == "dynamic" and saved.options.max_tiles == 4 and saved.options.thumbnail
