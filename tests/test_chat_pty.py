@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -53,6 +54,8 @@ class Terminal:
         def controlling_terminal():  # new session whose controlling terminal is the pty: Ctrl-C -> SIGINT
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            # started as a parent that ignores SIGINT would start it (part of the suite did: mm chat must still stop)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
         env = {**os.environ, "HOME": str(home), "TERM": "xterm", "PYTHONWARNINGS": "ignore", "INPUTRC": "/dev/null"}
         self.proc = subprocess.Popen([str(MM), "chat", *args], stdin=slave, stdout=slave, stderr=slave, cwd=cwd,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -215,6 +216,9 @@ def _stream(model, images: list, messages: list[dict], options: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     """Reads turns from stdin until ``/quit``, ``/exit`` or end of input."""
     options = sampling(args)
+    # Ctrl-C stops an answer: take SIGINT even when the parent started us with it ignored (nohup, some launchers
+    # and test runners), which Python would otherwise keep
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     first = read_images(args.image)  # a bad --image ends the command before the model loads
     model = open_model(args)
     chat = Chat(model, options, args.model)
