@@ -98,7 +98,7 @@ class Terminal:
 def test_chat_commands_editing_history_and_ctrl_c(talker, tmp_path):
     for colour in ("red", "blue"):
         Image.new("RGB", (40, 30), colour).save(tmp_path / f"{colour}.png")
-    # 8000 tokens take ~40 s here; 1500 took ~1.5 s, which a quiet machine finished before Ctrl-C arrived
+    # 8000 tokens (~40 s here; 1500 took ~1.5 s): the answer is still running however late Ctrl-C arrives
     chat = Terminal(["--model", str(talker), "--max-new-tokens", "8000"], tmp_path, tmp_path)
     banner = chat.expect("you> ")
     assert f"mm chat: {talker.name} (tiny-vit + mlp + tiny-llama, 16 tokens per image)" in banner
