@@ -166,11 +166,12 @@ class Renderer:
         ``tokens_per_image`` tokens (the ``fixed`` layout, or no tiler)."""
         if self.tiler is None or not images or self.tiler.layout.static:
             return None, None
-        budgets = [b for b in (self.tiler.layout.max_image_tokens, self.max_row_image_tokens) if b is not None]
+        budget = min((b for b in (self.tiler.layout.max_image_tokens, self.max_row_image_tokens) if b is not None),
+                     default=None)
         try:
-            tiled = self.tiler.lay_out(images, min(budgets) if budgets else None)
+            tiled = self.tiler.lay_out(images, budget)
         except MMError as exc:  # the budget cannot fit these images even at one tile each
-            which = "data.max_row_image_tokens" if min(budgets) == self.max_row_image_tokens else \
+            which = "data.max_row_image_tokens" if budget == self.max_row_image_tokens else \
                 "the layout's max_image_tokens"
             raise BadSample("too_many_image_tokens", f"{exc} ({which})") from None
         return tiled, self.tiler.spans(tiled)
