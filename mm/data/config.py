@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mm.errors import MMError
+
 
 @dataclass
 class DataConfig:
@@ -26,3 +28,13 @@ class DataConfig:
     max_bad_fraction: float = 0.05  # end the run when more than this fraction of samples is bad
     bad_min_seen: int = 100  # judge the bad fraction only after this many samples (or at the end of a pass)
     max_consecutive_skips: int = 1000  # stop when this many documents in a row are unusable (0 = never stop)
+
+
+def check_data(data: DataConfig) -> None:
+    """One-line MMError for batching values no loader can use (run before any engine starts)."""
+    for key in ("batch_size", "seq_len", "max_row_image_tokens"):
+        value = getattr(data, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise MMError(f"data.{key} must be a positive integer, got {value!r}")
+    if data.max_consecutive_skips < 0:
+        raise MMError(f"data.max_consecutive_skips must be 0 (no limit) or positive, got {data.max_consecutive_skips}")

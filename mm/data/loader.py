@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mm.data.bad import BadCounter, BadSample
-from mm.data.config import DataConfig
+from mm.data.config import DataConfig, check_data
 from mm.data.pack import Packer, collate_packed, collate_preference, collate_rows
 from mm.data.render import Item, Renderer
 from mm.data.shards import TarError, iter_members, list_shards, parse_sample
@@ -268,12 +268,7 @@ def build_loader(data: DataConfig, model, rank: int = 0, world_size: int = 1, sk
         raise MMError(f"unknown loader kind {kind!r}; choose one of: {', '.join(LOADER_KINDS)}")
     if not 0 <= rank < world_size:
         raise MMError(f"rank {rank} is outside world_size {world_size}")
-    if data.batch_size < 1 or data.seq_len < 1:
-        raise MMError("data.batch_size and data.seq_len must be positive")
-    if data.max_row_image_tokens is not None and data.max_row_image_tokens < 1:
-        raise MMError(f"data.max_row_image_tokens must be positive or null, got {data.max_row_image_tokens}")
-    if data.max_consecutive_skips < 0:
-        raise MMError(f"data.max_consecutive_skips must be 0 (no limit) or positive, got {data.max_consecutive_skips}")
+    check_data(data)
     if isinstance(model, Renderer):
         renderer = dataclasses.replace(model, seq_len=data.seq_len)
     else:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mm.config import ModelConfig
-from mm.data.config import DataConfig
+from mm.data.config import DataConfig, check_data
 from mm.errors import MMError
 from mm.schema import Part, part_field
 
@@ -142,10 +142,7 @@ def validate(config: TrainConfig, need_data: bool = True) -> TrainConfig:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise MMError(f"trainer.{key} must be a positive integer, got {value!r}")
-    for key in ("batch_size", "seq_len", "max_row_image_tokens"):
-        value = getattr(config.data, key)
-        if value is not None and value < 1:  # (types were checked at load: ints here)
-            raise MMError(f"data.{key} must be a positive integer, got {value!r}")
+    check_data(config.data)
     check_tracking(config, need_data)
     if t.compile and t.zero_stage == 3:
         raise MMError("trainer.compile does not work with trainer.zero_stage=3 (ZeRO-3 gathers parameters in "

@@ -119,7 +119,7 @@ def test_the_budget_holds_unpacked_too(dynamic_model, tmp_path):
 
 def test_a_budget_below_one_is_refused(dynamic_model, tmp_path):
     shards = write(tmp_path, [("x", 1)])
-    with pytest.raises(MMError, match="data.max_row_image_tokens must be positive"):
+    with pytest.raises(MMError, match="data.max_row_image_tokens must be a positive integer, got 0"):
         one_pass(dynamic_model, shards, max_row_image_tokens=0)
 
 
