@@ -109,6 +109,9 @@ def test_the_positional_image_still_works(tiny_model_dir, pictures, library, mm_
     assert row["answer"] == expected(library, [a], "what colour?")
     single = mm_main("vqa", "--model", tiny_model_dir, "--image", a, "what colour?", *GREEDY)
     assert single.stdout.strip() == row["answer"]
+    between = mm_main("vqa", "--model", tiny_model_dir, a, "--json", *GREEDY, "what colour?")
+    assert between.returncode == 0, between.stderr  # flags between IMAGE and QUESTION (argparse: intermixed)
+    assert json.loads(between.stdout) == row
 
 
 @pytest.mark.parametrize("case", ["missing-second", "broken-first", "both-forms", "no-image"])

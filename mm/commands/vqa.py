@@ -27,6 +27,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("question", metavar="QUESTION", help="<image> markers place the images in it")
     parser.add_argument("--json", action="store_true", help="one JSON object: {images, image, question, answer}")
     add_sampling_flags(parser)
+    parser.intermixed = True  # `mm vqa a.png --json "q"`: a flag between IMAGE and QUESTION
     parser.set_defaults(run=run)
 
 
