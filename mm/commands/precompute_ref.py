@@ -5,7 +5,9 @@ without a second model in memory.
 
 Every preference document of IN_SHARDS (a directory, glob or file) is copied to OUT_DIR/preference-NNNNNN.tar
 with ``"ref_logp": {"chosen": float, "rejected": float}``; train with ``stage.loss.reference=precomputed``.
-Other documents are skipped. Use the same ``data.seq_len`` as the DPO run (truncation changes the sums).
+Other documents are skipped, and so are pairs the DPO loader would drop (too long, a bad image: counted on stderr).
+Pairs are rendered with the model's image layout, as training renders them. Use the same ``data.seq_len`` as the
+DPO run (truncation changes the sums).
 """
 from __future__ import annotations
 
@@ -23,36 +25,23 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def _batch(renderer, pad_id: int, rows, images) -> dict:
-    """One pair as the chosen / rejected batches of ``pair_logps`` (each [1, T], right-padded to the longer)."""
-    import torch
-
-    width = max(len(r) for r in rows)
-
-    def side(row):
-        n = len(row)
-        out = {"input_ids": torch.tensor([row.ids + [pad_id] * (width - n)]),
-               "labels": torch.tensor([row.labels + [-100] * (width - n)]),
-               "attention_mask": torch.tensor([[1] * n + [0] * (width - n)]),
-               "position_ids": torch.arange(width)[None]}
-        if images:
-            out["pixel_values"] = renderer.pixels(images)
-        return out
-
-    return {"chosen": side(rows[0]), "rejected": side(rows[1])}
-
-
 def precompute(model_dir: str, shards: str, out: str | Path, seq_len: int = 512, progress: bool = True) -> int:
-    """Write the annotated shards; returns the number of documents written."""
+    """Write the annotated shards; returns the number of documents written. Each pair is rendered and batched as
+    the DPO loader does (``Renderer.item``, ``collate_preference``: the model's image layout, truncation and feature
+    order), so the stored sums are those the policy is compared with. A pair the loader would drop is skipped and
+    counted on stderr."""
+    import sys
+    from collections import Counter
+
     import torch
 
     import mm
-    from mm.data import Renderer, ShardWriter, iter_docs
+    from mm.data import Renderer, ShardWriter, iter_docs, list_shards
+    from mm.data.bad import BadSample
+    from mm.data.pack import collate_preference
+    from mm.errors import MMError
     from mm.train.build import resolve_model_dir
     from mm.train.losses.dpo import pair_logps
-
-    from mm.data import list_shards
-    from mm.errors import MMError
     from mm.train.preflight import writable_dir
 
     if seq_len < 1:
@@ -62,7 +51,8 @@ def precompute(model_dir: str, shards: str, out: str | Path, seq_len: int = 512,
     model = mm.load(resolve_model_dir(model_dir))
     renderer = Renderer.from_model(model, seq_len)
     pad_id = model.tokenizer.pad_token_id
-    written = 0
+    pad_id = model.tokenizer.eos_token_id if pad_id is None else pad_id
+    written, skipped = 0, Counter()
     docs = iter_docs(shards)
     if progress:
         from tqdm import tqdm
@@ -72,12 +62,19 @@ def precompute(model_dir: str, shards: str, out: str | Path, seq_len: int = 512,
         for key, doc, images in docs:
             if doc.get("kind") != "preference":
                 continue
-            rows = renderer.render_pair(doc)
-            decoded = renderer.decode(images, key, rows[0].num_images)
-            chosen, rejected, _ = pair_logps(model, _batch(renderer, pad_id, rows, decoded))
+            try:
+                item = renderer.item(key, doc, images, "preference")
+            except BadSample as exc:
+                skipped[exc.reason] += 1
+                continue
+            chosen, rejected, _ = pair_logps(model, collate_preference([item], pad_id, renderer.transform))
             doc = {**doc, "ref_logp": {"chosen": float(chosen[0]), "rejected": float(rejected[0])}}
             writer.add(key, doc, images)
             written += 1
+    if skipped:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+        print(f"skipped {sum(skipped.values())} preference documents the loader would drop: {reasons}",
+              file=sys.stderr)
     return written
 
 

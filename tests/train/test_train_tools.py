@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 import mm
@@ -13,15 +14,18 @@ from mm.data import DataConfig, build_loader
 from mm.train.losses import DPOLoss
 
 
-def test_precomputed_ref_logps_give_log2_for_the_reference_policy(corpus, tmp_path):
+@pytest.mark.parametrize("layout", ["fixed", {"name": "dynamic", "max_tiles": 4}, {"name": "anyres",
+                                                                                 "arrangement": "llava_next"}])
+def test_precomputed_ref_logps_give_log2_for_the_reference_policy(layout, corpus, tmp_path):
+    """The reference log-probs are those of the training batches, for every layout (tiles, rearranged features)."""
     torch.manual_seed(0)
-    model = mm.build(mm.ModelConfig())
+    model = mm.build(mm.ModelConfig(layout=layout))
     model.save(tmp_path / "ref")
     n = precompute(str(tmp_path / "ref"), f"{corpus}/train/preference-*.tar", tmp_path / "out",
-                                        seq_len=96, progress=False)
+                                        seq_len=256, progress=False)
     assert n == 48
     model = mm.load(tmp_path / "ref")
-    data = DataConfig(train=str(tmp_path / "out"), batch_size=4, seq_len=96, pack=False, resample=False)
+    data = DataConfig(train=str(tmp_path / "out"), batch_size=4, seq_len=256, pack=False, resample=False)
     batch = next(iter(build_loader(data, model, kind="preference")))
     assert "ref_logp_chosen" in batch and batch["ref_logp_chosen"].shape == (4,)
     loss, parts = DPOLoss(None)(model, batch)
