@@ -1,6 +1,7 @@
 """Shard statistics: counts by kind and language, images per document, token lengths, bad samples."""
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from typing import Any
 
@@ -11,7 +12,8 @@ from mm.data.shards import TarError, iter_members, list_shards, parse_sample
 
 def inspect_shards(spec, renderer: Renderer, bins: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)) -> dict:
     """Read every sample under ``spec`` (decoding every image) and summarise. ``renderer.seq_len`` is ignored
-    for lengths (full untruncated lengths are reported)."""
+    for lengths (full untruncated lengths are reported); with a tiling layout each image counts its tiles and
+    separators, as training renders it."""
     kinds: Counter[str] = Counter()
     langs: Counter[str] = Counter()
     images: Counter[int] = Counter()
@@ -19,7 +21,7 @@ def inspect_shards(spec, renderer: Renderer, bins: tuple[int, ...] = (64, 128, 2
     bad: Counter[str] = Counter()
     examples: dict[str, str] = {}
     shards = list_shards(spec)
-    full = Renderer(renderer.tokenizer, renderer.image_token_id, renderer.tokens_per_image, None, 1 << 30)
+    full = dataclasses.replace(renderer, seq_len=1 << 30)
 
     def record(error: BadSample):
         bad[error.reason] += 1
@@ -30,9 +32,10 @@ def inspect_shards(spec, renderer: Renderer, bins: tuple[int, ...] = (64, 128, 2
             for sample in iter_members(path):
                 try:
                     doc, blobs = parse_sample(sample)
-                    for i, blob in enumerate(blobs):
-                        open_checked(blob, f"{sample['__key__']}.{i}")
-                    rows = full.render_pair(doc) if doc["kind"] == "preference" else (full.render_lm(doc),)
+                    decoded = [open_checked(blob, f"{sample['__key__']}.{i}") for i, blob in enumerate(blobs)]
+                    _, spans = full.lay_out(decoded)
+                    rows = full.render_pair(doc, spans) if doc["kind"] == "preference" else \
+                        (full.render_lm(doc, spans),)
                 except BadSample as exc:
                     record(exc)
                     continue

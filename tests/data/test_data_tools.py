@@ -7,7 +7,9 @@ import webdataset as wds
 
 from mm.cli import main
 
-from data_helpers import write_captions
+from mm.data import ShardWriter
+
+from data_helpers import caption_doc, png, write_captions
 
 
 def test_inspect_counts_lengths_and_bad_samples(tmp_path, capsys):
@@ -23,6 +25,24 @@ def test_inspect_counts_lengths_and_bad_samples(tmp_path, capsys):
     assert "malformed_json=1" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith("mm: error: no shards found")
+
+
+def test_inspect_counts_a_tiling_models_tiles(tmp_path, capsys):
+    """With ``--model`` of a tiling model, the lengths are the rows training renders (tiles and separators)."""
+    import mm
+    from mm.data import DataConfig, build_loader
+
+    with ShardWriter(tmp_path / "shards", "wide") as writer:
+        for i in range(6):  # 100 x 30 and 30 x 100: a 3 x 1 and a 1 x 3 grid of tiles, plus the thumbnail
+            writer.add(f"wide{i}", caption_doc(f"doc {i}" + " red" * i), [png(size=(100, 30)[:: 1 - 2 * (i % 2)])])
+    model = mm.build(mm.ModelConfig(layout={"name": "dynamic", "max_tiles": 4}))
+    model.save(tmp_path / "model")
+    assert main(["inspect", str(tmp_path / "shards"), "--json", "--model", str(tmp_path / "model")]) == 0
+    tokens = json.loads(capsys.readouterr().out)["tokens"]
+    data = DataConfig(train=str(tmp_path / "shards"), batch_size=6, seq_len=4096, pack=False, resample=False)
+    lengths = next(iter(build_loader(data, model)))["attention_mask"].sum(1).tolist()
+    assert (tokens["min"], tokens["max"]) == (min(lengths), max(lengths))
+    assert tokens["min"] > 4 * model.tokens_per_image  # a 3 x 1 grid + thumbnail (+ separators) per image
 
 
 def test_make_synthetic_cli(tmp_path, capsys):
