@@ -68,6 +68,23 @@ def test_kd_is_positive_for_a_different_teacher(model):
     assert parts["mdist"] > 1e-3 and parts["rdist"] > 0
 
 
+@pytest.mark.parametrize("teacher, message", [
+    ({"adapter": "linear"}, None),  # another adapter, same tokens per image: fine
+    ({"adapter": {"name": "resampler", "queries": 8}}, "same tokens per image"),
+    ({"encoder": {"name": "tiny-vit", "image_size": 64}, "adapter": {"name": "pool", "size": 4}},
+     "same image size"),
+    ({"layout": {"name": "dynamic", "max_tiles": 4}}, "lay out images alike"),
+])
+def test_distillation_refuses_a_teacher_that_reads_batches_differently(model, teacher, message):
+    """The teacher runs on the student's batches: token ids, tiles and pixels must mean the same to both."""
+    loss = KDLoss(mm.build(mm.ModelConfig(**teacher)))
+    if message is None:
+        loss.check_student(model)
+    else:
+        with pytest.raises(mm.MMError, match=message):
+            loss.check_student(model)
+
+
 def test_kl_variants_differ_and_are_non_negative():
     torch.manual_seed(0)
     s, t = torch.randn(5, 11), torch.randn(5, 11)

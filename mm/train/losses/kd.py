@@ -79,9 +79,19 @@ class KDLoss(Loss):
         return {"teacher": self.teacher}
 
     def check_student(self, student) -> None:
+        """The teacher reads the student's batches (token ids, image tiles): both must expand and tile images
+        alike and share the tokenizer."""
         if student.tokens_per_image != self.teacher.tokens_per_image:
             raise MMError(f"teacher and student must give the same tokens per image "
                           f"({self.teacher.tokens_per_image} vs {student.tokens_per_image})")
+        if student.encoder.image_size != self.teacher.encoder.image_size:
+            raise MMError(f"teacher and student must take the same image size (the teacher encodes the student's "
+                          f"pixels): {self.teacher.encoder.image_size} vs {student.encoder.image_size}")
+        if student.config.layout != self.teacher.config.layout:
+            from mm.schema import to_dict
+
+            raise MMError(f"teacher and student must lay out images alike: teacher "
+                          f"{to_dict(self.teacher.config.layout)}, student {to_dict(student.config.layout)}")
         if len(self.teacher.tokenizer) != len(student.tokenizer):
             raise MMError(f"teacher and student must share the tokenizer "
                           f"(vocab {len(self.teacher.tokenizer)} vs {len(student.tokenizer)})")
